@@ -1,0 +1,564 @@
+"""Evaluation: per-task scoring, instruction following, continual metrics, generation and the report.
+
+Read top to bottom: answer normalisation and the scorers of DESIGN.md section 5, `score` / `task_score`,
+the instruction-following check behind MIF, the continual metrics of section 6, batched greedy generation,
+and the report a person reads (results.json, matrix.md, matrix.png). `python eval.py RUN_DIR` re-scores a
+run's saved predictions and rewrites its report, so a scorer fix never needs retraining.
+
+The official code's quirks (DESIGN.md section 5) are not copied: an empty prediction is wrong everywhere,
+no digit of a box is dropped, and matching is never case-sensitive.
+"""
+import argparse
+import io
+import json
+import math
+import os
+import re
+import string
+import sys
+import tempfile
+from collections import Counter
+
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+import data
+
+
+def _task(name):
+    if name not in data.TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(data.TASKS)}")
+    return data.TASKS[name]
+
+
+def _as_list(answer):
+    """One answer or several: a string becomes a one-element list."""
+    return [answer] if isinstance(answer, str) else list(answer)
+
+
+# ----------------------------------------------------------------------------------------------
+# VQA answer normalisation, as the official VQA evaluation (vqaEval.py) does it.
+
+PUNCTUATION = (';', '/', '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-', '>', '<', '@', '`', ',',
+               '?', '!')
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = {"a", "an", "the"}
+# The canonical forms of the official contraction table; it maps each form written with all, or all but one,
+# of its apostrophes left out back to the form ("dont" -> "don't", "he'dve" -> "he'd've").
+# ours: "i'd've", "i'm", "i've" in lower case (the official keys are capitalised, so never match lowered text).
+CONTRACTED = """ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't
+haven't he'd he'd've he's how'd how'll how's i'd've i'm i've isn't it'd it'd've it'll let's ma'am mightn't
+mightn't've might've mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've she's should've
+shouldn't shouldn't've somebody'd somebody'd've somebody'll somebody's someone'd someone'd've someone'll
+someone's something'd something'd've something'll that's there'd there'd've there're there's they'd they'd've
+they'll they're they've 'twas wasn't we'd've we've weren't what'll what're what's what've when's where'd where's
+where've who'd who'd've who'll who's who've why'll why're why's won't would've wouldn't wouldn't've y'all
+y'all'll y'all'd've you'd you'd've you'll you're you've""".split()
+CONTRACTIONS = {form.replace("'", ""): form for form in CONTRACTED}
+CONTRACTIONS |= {form[:i] + form[i + 1:]: form for form in CONTRACTED for i, c in enumerate(form) if c == "'"}
+
+
+def normalize_answer(s):
+    """The VQA answer normalisation: lower case, punctuation, articles, number words -> digits, contractions.
+
+    "Two." -> "2", "The dog" -> "dog", "dont" -> "don't", "1,000" -> "1000", "2.5" stays "2.5".
+    """
+    text = s.replace("\n", " ").replace("\t", " ").strip()
+    # a mark touching a space, or any text with a thousands comma, loses the mark; elsewhere it splits words
+    glued = re.search(r"\d,\d", text) is not None
+    for mark in PUNCTUATION:
+        touches_space = mark + " " in text or " " + mark in text
+        text = text.replace(mark, "" if touches_space or glued else " ")
+    text = re.sub(r"\.(?!\d)", "", text)  # a period not followed by a digit (the official regex, in effect)
+    words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
+
+
+def vqa_accuracy(prediction, answers):
+    """VQA soft accuracy: min(#humans that gave the prediction / 3, 1), averaged over the 10-choose-9 subsets.
+
+    With k of the 10 humans agreeing: (k * min((k-1)/3, 1) + (10-k) * min(k/3, 1)) / 10, so 1 -> 0.3,
+    2 -> 0.6, 3 -> 0.9, 4 or more -> 1. One answer (a string or a one-element list) scores by normalised exact
+    match, as if all ten humans had given it.
+    """
+    answers = [normalize_answer(a) for a in _as_list(answers)]
+    predicted = normalize_answer(prediction)
+    if not predicted or not answers:
+        return 0.0
+    if len(answers) == 1:
+        return float(predicted == answers[0])
+    matches = sum(a == predicted for a in answers)
+    # leave each human out in turn; min(matches among the others, 3) / 3, summed in integers so 1 -> 9/30 = 0.3
+    return sum(min(matches - (a == predicted), 3) for a in answers) / (3 * len(answers))
+
+
+def parse_letter(prediction, n_options=None):
+    """The option letter (upper case) in a multiple-choice answer, or None.
+
+    Tried in order: the whole output is a letter ("B", "B.", "(B)", "B)"); it starts with one ("B. blue",
+    "(B) blue"); "answer is B" (LLaVA's ScienceQA pattern, so "I think the answer is B" is B); else the first
+    one-character word that is a letter ("Option B"). With n_options only the first n_options letters count.
+    """
+    letters = string.ascii_uppercase[:n_options] if n_options else string.ascii_uppercase
+    text = prediction.strip()
+    found = (re.fullmatch(r"\(?([A-Z])[.):]?", text) or re.match(r"\(?([A-Z])[.):]\s", text)
+             or re.search(r"answer is \(?([A-Z])\b", text))
+    if found and found.group(1) in letters:
+        return found.group(1)
+    for word in text.split():
+        word = word.strip("()[].,:;!?'\"")
+        if len(word) == 1 and word in letters:
+            return word
+    return None
+
+
+NUMBER = r"\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*"
+BOX = re.compile(r"\[" + ",".join([NUMBER] * 4) + r"\]")
+
+
+def parse_bbox(text):
+    """The first "[x1, y1, x2, y2]" in the text as 4 floats, or None; spaces and any number of digits allowed."""
+    match = BOX.search(text)
+    return [float(v) for v in match.groups()] if match else None
+
+
+def iou(box_a, box_b):
+    """Intersection over union of two [x1, y1, x2, y2] boxes; 0 when the union is empty."""
+    def area(b):
+        return max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
+    inter = area([max(box_a[0], box_b[0]), max(box_a[1], box_b[1]), min(box_a[2], box_b[2]), min(box_a[3], box_b[3])])
+    union = area(box_a) + area(box_b) - inter
+    return inter / union if union > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# CIDEr-D, by hand, as the COCO caption code (pycocoevalcap ciderD) computes it.
+
+CIDER_N = 4
+CIDER_SIGMA = 6.0
+
+
+def _caption_ngrams(sentence):
+    """n-gram counts, n = 1..4, and the length in words.
+
+    ours: lower case and words of letters, digits and inner apostrophes stand in for the COCO code's Java
+    PTB tokenizer (which also lower-cases and drops punctuation).
+    """
+    words = re.findall(r"\w+(?:'\w+)*", sentence.lower())
+    grams = Counter(tuple(words[i:i + n]) for n in range(1, CIDER_N + 1) for i in range(len(words) - n + 1))
+    return grams, len(words)
+
+
+def _cider_d_per_image(predictions, references, use_idf=True):
+    """CIDEr-D of each prediction against its references, before the COCO code's x10 (each value in [0, 1]).
+
+    idf(g) = log(#images) - log(max(1, #images whose references contain g)); with use_idf=False every
+    n-gram weighs 1 (a plain tf cosine), which a one-image corpus needs: there every idf is log 1 - log 1 = 0.
+    """
+    cands = [_caption_ngrams(p) for p in predictions]
+    refs = [[_caption_ngrams(r) for r in image_refs] for image_refs in references]
+    doc_freq = Counter(g for image_refs in refs for g in set().union(*(grams for grams, _ in image_refs)))
+    log_images = math.log(len(refs))
+
+    def vector(grams):  # tf-idf per n, and each n's norm
+        vec = [{} for _ in range(CIDER_N)]
+        for g, tf in grams.items():
+            vec[len(g) - 1][g] = tf * (log_images - math.log(max(1.0, doc_freq[g])) if use_idf else 1.0)
+        return vec, [math.sqrt(sum(v * v for v in vn.values())) for vn in vec]
+
+    scores = []
+    for (cand, cand_len), image_refs in zip(cands, refs):
+        vec_c, norm_c = vector(cand)
+        total = 0.0
+        for ref, ref_len in image_refs:
+            vec_r, norm_r = vector(ref)
+            # the COCO code measures length in bigrams; for non-empty sentences the difference is the same
+            penalty = math.exp(-((cand_len - ref_len) ** 2) / (2 * CIDER_SIGMA ** 2))  # Gaussian length penalty
+            for n in range(CIDER_N):
+                # clipping: a candidate n-gram counts at most as often as the reference has it
+                dot = sum(min(v, vec_r[n].get(g, 0.0)) * vec_r[n].get(g, 0.0) for g, v in vec_c[n].items())
+                if norm_c[n] > 0 and norm_r[n] > 0:
+                    total += penalty * dot / (norm_c[n] * norm_r[n]) / CIDER_N  # mean over n = 1..4
+        scores.append(total / len(image_refs))  # mean over the references
+    return scores
+
+
+def cider(predictions, references):
+    """Corpus CIDEr-D as the COCO caption code reports it (x10, mean over images): predictions[i] is scored
+    against references[i] (a list of strings), with document frequencies over all the references given."""
+    if not predictions or len(predictions) != len(references) or not all(references):
+        raise ValueError(f"cider needs as many non-empty reference lists as predictions, got "
+                         f"{len(predictions)} predictions and {len(references)} reference lists")
+    return 10.0 * sum(_cider_d_per_image(predictions, references)) / len(predictions)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring one sample, one task, and the instruction-following check.
+
+def score(task, prediction, answer):
+    """The score in [0, 1] of one prediction (DESIGN.md section 5).
+
+    answer: the option letter, a string or a list of (10) strings, or a box ([x1, y1, x2, y2] or its text).
+    Caption tasks: CIDEr-D of the pair with every n-gram weighing 1, without the x10 (an exact copy of a
+    single 4+ word reference scores 1). ours: a one-image corpus would give idf = 0 to every n-gram and so
+    always 0; the task-level number, task_score, is the real corpus CIDEr-D.
+    """
+    scorer = _task(task).scorer
+    if scorer == "letter":
+        return float(parse_letter(prediction) == answer.strip())
+    if scorer == "vqa":
+        return vqa_accuracy(prediction, answer)
+    if scorer in ("exact", "contains"):
+        predicted = normalize_answer(prediction)
+        truths = [normalize_answer(a) for a in _as_list(answer)]
+        if scorer == "exact":
+            return float(bool(predicted) and predicted in truths)
+        return float(bool(predicted) and any(f" {t} " in f" {predicted} " for t in truths))  # whole words
+    if scorer == "iou":
+        truth = parse_bbox(answer) if isinstance(answer, str) else answer
+        if truth is None or len(truth) != 4:
+            raise ValueError(f"grounding answer {answer!r} is not a box [x1, y1, x2, y2]")
+        box = parse_bbox(prediction)
+        return float(box is not None and iou(box, truth) > 0.5)  # exactly 0.5 is wrong
+    return _cider_d_per_image([prediction], [_as_list(answer)], use_idf=False)[0]
+
+
+def task_score(task, predictions, answers):
+    """The task's score in percent: the mean of `score` x 100, or the corpus CIDEr-D x 100 for captions
+    (so a caption task is on the papers' scale, e.g. 110.5, and may exceed 100)."""
+    if not predictions or len(predictions) != len(answers):
+        raise ValueError(f"{task}: need as many answers as predictions (at least one), got "
+                         f"{len(predictions)} predictions and {len(answers)} answers")
+    if _task(task).scorer == "cider":
+        return 100.0 * cider(predictions, [_as_list(a) for a in answers])
+    return 100.0 * sum(score(task, p, a) for p, a in zip(predictions, answers)) / len(predictions)
+
+
+def follows_instruction(task, prediction, answer=None):
+    """Whether the output has the FORMAT the task's instruction asks for, whatever its content (SMoLoRA's MIF).
+
+    letter: exactly one option letter (a trailing period allowed); phrase: 1 or 2 words, or equal (normalised)
+    to the ground truth when `answer` is given; bbox: only "[x1, y1, x2, y2]" with 4 numbers in [0, 1];
+    caption: a sentence of more than 4 words ending with ".".
+    """
+    kind = _task(task).answer_kind
+    text = prediction.strip()
+    if kind == "letter":
+        return re.fullmatch(r"[A-Z]\.?", text) is not None
+    if kind == "phrase":
+        is_truth = answer is not None and normalize_answer(text) in [normalize_answer(a) for a in _as_list(answer)]
+        return 1 <= len(text.split()) <= 2 or (bool(text) and is_truth)
+    if kind == "bbox":
+        box = BOX.fullmatch(text)
+        return box is not None and all(0.0 <= float(v) <= 1.0 for v in box.groups())
+    return len(text.split()) > 4 and text.endswith(".")
+
+
+def score_predictions(task, predictions):
+    """(score, MIF) in percent of a list of saved predictions ({"question_id", "prompt", "text", "answer"})."""
+    if not predictions:
+        raise ValueError(f"{task}: no predictions to score")
+    texts, answers = [p["text"] for p in predictions], [p["answer"] for p in predictions]
+    follows = sum(follows_instruction(task, t, a) for t, a in zip(texts, answers))
+    return task_score(task, texts, answers), 100.0 * follows / len(predictions)
+
+
+# ----------------------------------------------------------------------------------------------
+# Continual metrics (DESIGN.md section 6).
+
+def _check_matrix(matrix, name):
+    """A non-empty list of rows of equal length whose cells are finite numbers or None (not evaluated)."""
+    if not isinstance(matrix, (list, tuple)) or not matrix or not all(isinstance(r, (list, tuple)) for r in matrix):
+        raise ValueError(f"{name} must be a non-empty list of rows, got {matrix!r}")
+    width = len(matrix[0])
+    if width == 0 or any(len(row) != width for row in matrix):
+        raise ValueError(f"{name} is ragged or empty: row lengths {[len(r) for r in matrix]}")
+    for t, row in enumerate(matrix):
+        for i, cell in enumerate(row):
+            if cell is not None and not (isinstance(cell, (int, float)) and math.isfinite(cell)):
+                raise ValueError(f"{name}[{t}][{i}] is {cell!r}; a cell must be a finite number or None")
+
+
+def continual_metrics(matrix, zero_shot=None):
+    """AP, MFT, MAP, BWT, forgetting and FWT of an accuracy matrix (DESIGN.md section 6), in its units.
+
+    matrix[t][i] = score on task i after training stage t+1 (T rows, T columns, tasks in training order).
+    Cells above the diagonal (tasks not trained yet) may be None; every cell on or below it is needed.
+    zero_shot: the base model's score per task (row 0 of a run's matrix), needed only for FWT.
+
+        AP         = (1/T) sum_i A[T][i]
+        MFT        = (1/T) sum_i A[i][i]
+        MAP        = (1/T) sum_t (1/t) sum_{i<=t} A[t][i]
+        BWT        = (1/(T-1)) sum_{i<T} (A[T][i] - A[i][i])      CoIN's tables divide by T, its formula by T-1
+        forgetting = (1/(T-1)) sum_{i<T} (max_{i<=t<T} A[t][i] - A[T][i])   the best score since learning i
+        FWT        = (1/(T-1)) sum_{i>1} (A[i-1][i] - A[0][i])   None without zero_shot or a cell above the diagonal
+
+    With T = 1 there is no earlier task and no later one: BWT, forgetting and FWT are None.
+    """
+    _check_matrix(matrix, "matrix")
+    T = len(matrix)
+    if len(matrix[0]) != T:
+        raise ValueError(f"matrix is {T}x{len(matrix[0])}; it must be square: one row per stage, one column per task")
+    for t in range(T):
+        for i in range(t + 1):
+            if matrix[t][i] is None:
+                raise ValueError(f"matrix[{t}][{i}] is None; every task up to the stage just trained is needed")
+    if zero_shot is not None:
+        _check_matrix([zero_shot], "zero_shot")
+        if len(zero_shot) != T:
+            raise ValueError(f"zero_shot has {len(zero_shot)} scores, the matrix {T} tasks")
+    A, last = matrix, matrix[-1]
+    metrics = {
+        "AP": sum(last) / T,
+        "MFT": sum(A[i][i] for i in range(T)) / T,
+        "MAP": sum(sum(A[t][:t + 1]) / (t + 1) for t in range(T)) / T,
+        "BWT": None, "forgetting": None, "FWT": None,
+    }
+    if T > 1:
+        metrics["BWT"] = sum(last[i] - A[i][i] for i in range(T - 1)) / (T - 1)
+        metrics["forgetting"] = sum(max(A[t][i] for t in range(i, T - 1)) - last[i] for i in range(T - 1)) / (T - 1)
+        before = [A[i - 1][i] for i in range(1, T)]
+        if zero_shot is not None and None not in before and None not in zero_shot[1:]:
+            metrics["FWT"] = sum(b - z for b, z in zip(before, zero_shot[1:])) / (T - 1)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation: batched greedy decoding with the KV cache.
+
+# Generous for the tiny tokenizer, which spells read words by pieces (a phrase ~12 tokens, a box ~25 with a
+# Llama tokenizer); generation stops at EOS, so the limit only costs when a model babbles, which is what a
+# forgetting model does and what MIF must see.
+MAX_NEW_TOKENS = {"letter": 8, "phrase": 20, "bbox": 32, "caption": 48}
+
+
+def generate_predictions(model, processor, records, task, batch_size=16, before_generate=None, desc=None):
+    """Greedy answers of `model` to `records` (data.load_records), in order, as prediction dicts
+    {"question_id", "prompt", "text", "answer"}; text is the decoded answer, stripped.
+
+    before_generate(batch), if given, sees each collated batch (on the model's device, with its "ins_mask")
+    before generate; smolora.py sets SMoLoRA's routing there. ins_mask goes only to the hook.
+    """
+    max_new_tokens = MAX_NEW_TOKENS[_task(task).answer_kind]
+    collate, tokenizer = data.Collator(processor, train=False), processor.tokenizer
+    was_training = model.training
+    model.eval()  # no adapter dropout while answering
+    predictions = []
+    try:
+        for start in tqdm(range(0, len(records), batch_size), desc=desc or task, unit="batch"):
+            chunk = records[start:start + batch_size]
+            batch = {k: v.to(model.device) for k, v in collate(chunk).items()}
+            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+            if before_generate is not None:
+                before_generate(batch)
+            output = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    pixel_values=batch["pixel_values"], do_sample=False,
+                                    max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                    eos_token_id=tokenizer.eos_token_id)
+            # left padding: every prompt ends at the same column, the answers start after it
+            texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            predictions += [{"question_id": r["id"], "prompt": r["text"], "text": t.strip(), "answer": r["answer"]}
+                            for r, t in zip(chunk, texts)]
+    finally:
+        model.train(was_training)
+    return predictions
+
+
+def _write_atomic(path, content):
+    """Write text or bytes to a temporary file in the same folder, then rename it over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.NamedTemporaryFile("wb", dir=folder, prefix=".tmp-", delete=False) as f:
+        f.write(content.encode() if isinstance(content, str) else content)
+    os.replace(f.name, path)
+
+
+def save_predictions(path, predictions):
+    _write_atomic(path, "".join(json.dumps(p) + "\n" for p in predictions))
+
+
+def load_predictions(path):
+    predictions = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    prediction = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: not a JSON line ({e.msg})") from None
+                if not isinstance(prediction, dict) or not {"question_id", "text", "answer"} <= prediction.keys():
+                    raise ValueError(f"{path}:{number}: a prediction needs question_id, text and answer")
+                predictions.append(prediction)
+    return predictions
+
+
+# ----------------------------------------------------------------------------------------------
+# The report: results.json, matrix.md, matrix.png.
+
+METRICS = ("AP", "MFT", "MAP", "BWT", "forgetting", "FWT", "MIF")
+
+
+def run_metrics(matrix, mif):
+    """The metrics of a run's matrices (row 0 zero-shot, row t after stage t), all None until the run is
+    complete: every task evaluated after each stage up to it, and MIF after the last stage."""
+    T = len(matrix[0])
+    rows = matrix[1:]
+    if len(rows) < T or any(rows[t][i] is None for t in range(T) for i in range(t + 1)):
+        return dict.fromkeys(METRICS)
+    zero_shot = matrix[0] if None not in matrix[0] else None
+    metrics = continual_metrics(rows, zero_shot)
+    last_mif = mif[T] if len(mif) > T else [None]
+    metrics["MIF"] = sum(last_mif) / T if None not in last_mif else None
+    return metrics
+
+
+def _row_names(tasks, n_rows):
+    return ["zero-shot"] + [f"after {t}" for t in tasks][:n_rows - 1]
+
+
+def _markdown(results):
+    tasks = results["tasks"]
+    lines = [f"# {results['method']}: {' -> '.join(tasks)}", ""]
+    tables = (("Score (% ; CIDEr x100 for captions)", results["matrix"]),
+              ("Instruction following (MIF, % of answers in the asked format)", results["mif"]))
+    for title, matrix in tables:
+        lines += [f"## {title}", "", "| | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+        for name, row in zip(_row_names(tasks, len(matrix)), matrix):
+            lines.append(f"| {name} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in row) + " |")
+        lines.append("")
+    metrics = results["metrics"]
+    lines += ["## Metrics", "", "| " + " | ".join(METRICS) + " |", "|" + "---:|" * len(METRICS),
+              "| " + " | ".join("–" if metrics[k] is None else f"{metrics[k]:.2f}" for k in METRICS) + " |", "",
+              "– : not evaluated, or the run is incomplete (metrics need every stage). "
+              "BWT and forgetting divide by T-1 (CoIN's tables by T).", ""]
+    if results.get("seconds") is not None:
+        lines.append(f"Run time: {results['seconds']:.0f} s")
+    return "\n".join(lines) + "\n"
+
+
+# viridis at 0, 1/4, 1/2, 3/4, 1: dark for low scores, yellow for high, readable in grey too
+COLOUR_STOPS = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
+
+
+def _colour(value):
+    """The heatmap colour of a percent value (clipped to 0..100)."""
+    x = min(max(value / 100.0, 0.0), 1.0) * (len(COLOUR_STOPS) - 1)
+    i = min(int(x), len(COLOUR_STOPS) - 2)
+    return tuple(round(a + (b - a) * (x - i)) for a, b in zip(COLOUR_STOPS[i], COLOUR_STOPS[i + 1]))
+
+
+def _heatmap_png(results):
+    """Both matrices as heatmaps, one above the other, with a shared colour scale on the right."""
+    font = ImageFont.load_default(size=14)
+    tasks, matrices = results["tasks"], (("score", results["matrix"]), ("instruction following (MIF)", results["mif"]))
+    label_w = max(font.getlength(n) for n in _row_names(tasks, len(tasks) + 1)) + 16
+    cell_w, cell_h, pad = max(72, max(font.getlength(t) for t in tasks) + 14), 30, 12
+    grid_w = cell_w * len(tasks)
+    panel_h = 2 * cell_h + cell_h * (len(tasks) + 1)  # title, task names, zero-shot + T stages
+    width, height = int(pad + label_w + grid_w + 110), int(pad + 2 * (panel_h + pad))
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    for p, (title, matrix) in enumerate(matrices):
+        top = pad + p * (panel_h + pad)
+        left = pad + label_w
+        draw.text((left, top + 6), f"{results['method']}: {title}", fill="black", font=font)
+        for i, task in enumerate(tasks):
+            draw.text((left + i * cell_w + cell_w / 2, top + 1.5 * cell_h), task, fill="black", font=font, anchor="mm")
+        names = _row_names(tasks, len(tasks) + 1)
+        for t, name in enumerate(names):
+            y = top + (2 + t) * cell_h
+            draw.text((left - 8, y + cell_h / 2), name, fill="black", font=font, anchor="rm")
+            row = matrix[t] if t < len(matrix) else [None] * len(tasks)
+            for i, value in enumerate(row):
+                box = (left + i * cell_w, y, left + (i + 1) * cell_w - 1, y + cell_h - 1)
+                fill = (225, 225, 225) if value is None else _colour(value)
+                draw.rectangle(box, fill=fill)
+                ink = "black" if sum(fill) / 3 > 110 else "white"
+                draw.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "–" if value is None else f"{value:.1f}",
+                          fill=ink, font=font, anchor="mm")
+    bar_left, bar_top, bar_h = pad + label_w + grid_w + 24, pad + 2 * cell_h, height - 2 * pad - 2 * cell_h
+    draw.text((bar_left, pad + 6), "%", fill="black", font=font)
+    for y in range(bar_h):
+        draw.line((bar_left, bar_top + y, bar_left + 18, bar_top + y), fill=_colour(100.0 * (1 - y / (bar_h - 1))))
+    for tick in (0, 25, 50, 75, 100):
+        y = bar_top + (1 - tick / 100) * (bar_h - 1)
+        draw.line((bar_left + 18, y, bar_left + 23, y), fill="black")
+        draw.text((bar_left + 27, y), f"{tick}" + ("+" if tick == 100 else ""), fill="black", font=font, anchor="lm")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_report(run_dir, results):
+    """Write results.json (DESIGN.md section 8), matrix.md and matrix.png into run_dir, each atomically.
+
+    results: {"method", "tasks", "config", "matrix", "mif", "seconds"}; matrix and mif have row 0 zero-shot and
+    row t after stage t, one column per task; rows not run yet may be left out and cells not evaluated be None.
+    "metrics" is (re)computed here, by run_metrics.
+    """
+    tasks = results["tasks"]
+    for name in ("matrix", "mif"):
+        _check_matrix(results[name], name)
+        if len(results[name][0]) != len(tasks) or len(results[name]) > len(tasks) + 1:
+            raise ValueError(f"{name} is {len(results[name])}x{len(results[name][0])}; expected at most "
+                             f"{len(tasks) + 1} rows (zero-shot + one per stage) of {len(tasks)} tasks")
+    results = {**results, "metrics": run_metrics(results["matrix"], results["mif"])}
+    _write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2) + "\n")
+    _write_atomic(os.path.join(run_dir, "matrix.md"), _markdown(results))
+    _write_atomic(os.path.join(run_dir, "matrix.png"), _heatmap_png(results))
+
+
+def rescore_run(run_dir):
+    """Rebuild matrix and mif from run_dir/predictions/stage<t>/<task>.jsonl (stage0 = zero-shot), keep
+    method, tasks, config and seconds from run_dir/results.json, and rewrite the report. Returns the results."""
+    path = os.path.join(run_dir, "results.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} not found; RUN_DIR must be a run folder written by smolora.py")
+    with open(path) as f:
+        try:
+            old = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not JSON ({e})") from None
+    if not isinstance(old, dict) or not {"method", "tasks"} <= old.keys():
+        raise ValueError(f"{path} needs at least 'method' and 'tasks'")
+    tasks, config = old["tasks"], old.get("config") or {}
+    data_root = config.get("data")
+    matrix = [[None] * len(tasks) for _ in range(len(tasks) + 1)]
+    mif = [[None] * len(tasks) for _ in range(len(tasks) + 1)]
+    for i, task in enumerate(tasks):
+        _task(task)
+        test_ids = None
+        if data_root and os.path.isdir(data_root):
+            test_ids = Counter(str(r["id"]) for r in data.load_records(data_root, task, "test"))
+        for t in range(len(tasks) + 1):
+            pred_path = os.path.join(run_dir, "predictions", f"stage{t}", f"{task}.jsonl")
+            if not os.path.isfile(pred_path):
+                continue
+            predictions = load_predictions(pred_path)
+            if not predictions:
+                raise ValueError(f"{pred_path} is empty")
+            if test_ids is not None and Counter(str(p["question_id"]) for p in predictions) != test_ids:
+                raise ValueError(f"{pred_path}: question ids do not match the {len(test_ids)} test records of "
+                                 f"{task} in {data_root}")
+            matrix[t][i], mif[t][i] = score_predictions(task, predictions)
+    results = {"method": old["method"], "tasks": tasks, "config": old.get("config"),
+               "matrix": matrix, "mif": mif, "seconds": old.get("seconds")}
+    write_report(run_dir, results)
+    return {**results, "metrics": run_metrics(matrix, mif)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Re-score a run's saved predictions and rewrite its report.")
+    parser.add_argument("run_dir", help="a run folder (results.json, predictions/stage<t>/<task>.jsonl)")
+    args = parser.parse_args(argv)
+    try:
+        results = rescore_run(args.run_dir)
+    except ValueError as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(_markdown(results), end="")
+
+
+if __name__ == "__main__":
+    main()
