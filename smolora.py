@@ -169,17 +169,21 @@ class SMoLoRALinear(nn.Module):
         if mask is None and ins is None:
             mask, ins = self.routing_mask, self.routing_ins
         experts, gates = self.route(x, mask, ins)                      # (B, 2, k)
-        n, length, _ = x.shape
         rank = self.lora_A.shape[1]
         # Stacked form: gather each sample's kept experts, one batched matmul for all their A, one for all B.
         A = self.lora_A[experts].flatten(1, 3)                         # (B, 2*k*rank, in)
         z = torch.bmm(self.dropout(x), A.transpose(1, 2))              # A_i x                (B, L, 2*k*rank)
-        z = z.unflatten(-1, (2, self.top_k, rank)) * (self.scaling * gates)[:, None, :, :, None]  # G_i s A_i x
-        z = z.flatten(-2).transpose(1, 2)                              # (B, 2, L, k*rank)
-        B = self.lora_B[experts].transpose(-1, -2).flatten(2, 3)      # (B, 2, k*rank, out)
-        x_vu, x_if = (z @ B).unbind(1)                                 # sum_i G_i s B_i A_i x  (B, L, out) each
-        fusion = torch.softmax(torch.cat([self.fuse_vu(x_vu), self.fuse_if(x_if)], -1), -1)  # [alpha_t, beta_t] (B, L, 2)
-        return h + (fusion[..., :1] * x_vu + fusion[..., 1:] * x_if).to(h.dtype)  # + alpha_t x_vu + beta_t x_if
+        z = z.unflatten(-1, (2, self.top_k, rank)) * (self.scaling * gates)[:, None, :, :, None]
+        z = z.flatten(-2)                                              # G_i s A_i x, VU | IF (B, L, 2, k*rank)
+        B = self.lora_B[experts].transpose(-1, -2).flatten(2, 3)      # B_i^T, VU | IF       (B, 2, k*rank, out)
+        # I . x_pool = (I B_pool) . z_pool: the fusion logits are read in the rank space, so x_vu and x_if
+        # (B, L, out) each) are never built apart (ours, exactly equal, about a third of the layer's time).
+        I = torch.stack([self.fuse_vu.weight, self.fuse_if.weight])   # I_vu, I_if           (2, 1, out)
+        IB = (B @ I.transpose(1, 2)).squeeze(-1)                       # I_pool B_pool        (B, 2, k*rank)
+        logits = (z * IB[:, None]).sum(-1) + torch.cat([self.fuse_vu.bias, self.fuse_if.bias])  # (B, L, 2)
+        fusion = torch.softmax(logits, dim=-1)                         # [alpha_t, beta_t]    (B, L, 2)
+        delta = torch.bmm((z * fusion.unsqueeze(-1)).flatten(2), B.flatten(1, 2))  # alpha_t x_vu + beta_t x_if
+        return h + delta.to(h.dtype)                                   # h = W0 x + alpha_t x_vu + beta_t x_if
 
 
 ADAPTERS = (LoRALinear, MoELoRALinear, SMoLoRALinear)
