@@ -475,7 +475,7 @@ def _heatmap_png(results):
                 fill = (225, 225, 225) if value is None else _colour(value)
                 draw.rectangle(box, fill=fill)
                 ink = "black" if sum(fill) / 3 > 110 else "white"
-                draw.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "–" if value is None else f"{value:.1f}",
+                draw.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "-" if value is None else f"{value:.1f}",
                           fill=ink, font=font, anchor="mm")
     bar_left, bar_top, bar_h = pad + label_w + grid_w + 24, pad + 2 * cell_h, height - 2 * pad - 2 * cell_h
     draw.text((bar_left, pad + 6), "%", fill="black", font=font)
