@@ -66,9 +66,9 @@ def normalize_answer(s):
     """
     text = s.replace("\n", " ").replace("\t", " ").strip()
     # a mark touching a space, or any text with a thousands comma, loses the mark; elsewhere it splits words
-    glued = re.search(r"\d,\d", text) is not None
+    original, glued = text, re.search(r"\d,\d", text) is not None
     for mark in PUNCTUATION:
-        touches_space = mark + " " in text or " " + mark in text
+        touches_space = mark + " " in original or " " + mark in original
         text = text.replace(mark, "" if touches_space or glued else " ")
     text = re.sub(r"\.(?!\d)", "", text)  # a period not followed by a digit (the official regex, in effect)
     words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
