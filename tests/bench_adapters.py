@@ -14,23 +14,28 @@ import torch.nn as nn
 from smolora import LoRALinear, MoELoRALinear, SMoLoRALinear
 
 
-def seconds_per_step(layer, x, mask, ins, steps):
+def make_step(layer, x, mask, ins):
     def step():
         x.grad = None
         out = layer(x, mask, ins) if isinstance(layer, SMoLoRALinear) else layer(x)
         out.backward(torch.ones_like(out))
-    for _ in range(3):
-        step()
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(5):   # best of 5 rounds: the least disturbed by the rest of the machine
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
         if x.is_cuda:
             torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - start) / steps)
+    return step
+
+
+def best_seconds_per_step(steps_by_name, steps, rounds=7):
+    """Round-robin over the layers, the best round of each: the least disturbed by the rest of the machine."""
+    best = dict.fromkeys(steps_by_name, float("inf"))
+    for step in steps_by_name.values():
+        for _ in range(3):
+            step()
+    for _ in range(rounds):
+        for name, step in steps_by_name.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            best[name] = min(best[name], (time.perf_counter() - start) / steps)
     return best
 
 
@@ -38,7 +43,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
@@ -51,7 +56,7 @@ def main():
         "MoELoRA E=8 r=128": MoELoRALinear(base, r=128, alpha=256, num_experts=8, dropout=0.05),
         "SMoLoRA E=8 r=128 top-1": SMoLoRALinear(base, r=128, alpha=256, num_experts=8, dropout=0.05),
     }
-    times = {name: seconds_per_step(layer, x, mask, ins, args.steps) for name, layer in layers.items()}
+    times = best_seconds_per_step({name: make_step(layer, x, mask, ins) for name, layer in layers.items()}, args.steps)
     print(f"| layer ({args.device}, {args.dtype}) | ms / step | x frozen | x LoRA |")
     print("|---|---|---|---|")
     for name, t in times.items():
