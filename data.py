@@ -1,8 +1,26 @@
 """Tasks and data: the CoIN / SMoLoRA task table, a synthetic mini-CoIN, the CoIN-format loader, the collator.
 
-Read top to bottom: the task table (DESIGN.md section 3), ...
+Read top to bottom: the task table (DESIGN.md section 3); the synthetic scenes, drawn with PIL, and one
+generator per task whose answer is read off the scene it drew; writing a task to disk in the CoIN format
+(section 4) and the captioning corpus for pretraining; the loader, which reads that format whether the data is
+synthetic or real; the tiny model's tokenizer and processor; the collator from records to model inputs.
 """
+import functools
+import json
+import math
+import os
+import random
+import re
+import shutil
+import string
+import zlib
 from dataclasses import dataclass
+
+import torch
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tqdm import tqdm
+from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
 
 # ----------------------------------------------------------------------------------------------
 # The task table (DESIGN.md section 3). The instruction text is exactly the LLaVA-1.5 / CoIN one.
@@ -32,6 +50,7 @@ class Task:
     scorer: str               # letter | vqa | exact | contains | iou | cider (eval.py)
     paraphrases: tuple        # 5 instructions of the same meaning and answer format, never trained on
     question: str = ""        # a fixed question, for tasks that have one (imagenet, places365, captions)
+    folder: str = ""          # the task's folder name in the real CoIN release (playground/Instructions/<folder>)
 
 
 TASKS = {t.name: t for t in (
@@ -40,31 +59,694 @@ TASKS = {t.name: t for t in (
         "Choose one option and answer with its letter alone.",
         "Give only the letter of the right choice.",
         "Select the correct choice and respond with just its letter.",
-        "Answer with a single option letter from the choices.")),
-    Task("textvqa", PHRASE, "phrase", "vqa", PHRASE_PARAPHRASES),
+        "Answer with a single option letter from the choices."), folder="ScienceQA"),
+    Task("textvqa", PHRASE, "phrase", "vqa", PHRASE_PARAPHRASES, folder="TextVQA"),
     Task("imagenet", PHRASE, "phrase", "contains", PHRASE_PARAPHRASES,
-         question="What is the object in the image?"),
-    Task("gqa", PHRASE, "phrase", "exact", PHRASE_PARAPHRASES),
+         question="What is the object in the image?", folder="ImageNet"),
+    Task("gqa", PHRASE, "phrase", "exact", PHRASE_PARAPHRASES, folder="GQA"),
     Task("vizwiz", "When the provided information is insufficient, respond with 'Unanswerable'.\n" + PHRASE,
          "phrase", "exact", tuple(
-             "If the image does not let you answer, reply 'Unanswerable'.\n" + p for p in PHRASE_PARAPHRASES)),
+             "If the image does not let you answer, reply 'Unanswerable'.\n" + p for p in PHRASE_PARAPHRASES),
+         folder="VizWiz"),
     Task("grounding", "Please provide the bounding box coordinate of the region this sentence describes:",
          "bbox", "iou", (
              "Give the bounding box of the region described by this sentence:",
              "Output the box coordinates of the area this phrase refers to:",
              "Locate the region this sentence describes and give its bounding box:",
              "Return the bounding box coordinates for the region described here:",
-             "Find the region matching this description and answer with its box:")),
-    Task("vqav2", PHRASE, "phrase", "vqa", PHRASE_PARAPHRASES),
-    Task("ocrvqa", PHRASE, "phrase", "exact", PHRASE_PARAPHRASES),
+             "Find the region matching this description and answer with its box:"), folder="Grounding"),
+    Task("vqav2", PHRASE, "phrase", "vqa", PHRASE_PARAPHRASES, folder="VQAv2"),
+    Task("ocrvqa", PHRASE, "phrase", "exact", PHRASE_PARAPHRASES, folder="OCRVQA"),
     Task("flickr30k", CAPTION, "caption", "cider", CAPTION_PARAPHRASES,
-         question="What is happening in the presented picture?"),
+         question="What is happening in the presented picture?", folder="Flickr30k"),
     Task("places365", PHRASE, "phrase", "exact", PHRASE_PARAPHRASES,
-         question="What is the background of the image?"),
+         question="What is the background of the image?", folder="Places365"),
     Task("textcaps", CAPTION, "caption", "cider", CAPTION_PARAPHRASES,
-         question="What is happening in the presented picture?"),
+         question="What is happening in the presented picture?", folder="TextCaps"),
 )}
 
 COIN_TASKS = ("scienceqa", "textvqa", "imagenet", "gqa", "vizwiz", "grounding", "vqav2", "ocrvqa")
 SMOLORA_TASKS = ("scienceqa", "textvqa", "flickr30k", "imagenet", "gqa", "vqav2")
 SMOLORA_UNSEEN = ("vizwiz", "textcaps", "ocrvqa", "places365")
+
+
+def get_task(name):
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def compose_text(task, question):
+    """The human turn without the image: question then instruction; grounding puts the expression after it."""
+    if task.answer_kind == "bbox":
+        return f"{task.instruction} {question}"
+    return f"{question}\n{task.instruction}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The synthetic world: a few big shapes, objects, signs, book covers and background patterns in high contrast,
+# so that a 0.8M-parameter LLaVA sees them at 64x64 with 8-pixel patches (DESIGN.md section 9).
+
+IMAGE_SIZE = 64
+BACKGROUND = (245, 245, 245)
+INK = (40, 30, 25)          # text on light colours, house roofs, wheels, tree trunks
+COLORS = {"red": (220, 30, 30), "green": (20, 150, 40), "blue": (30, 70, 230),
+          "yellow": (245, 205, 0), "purple": (140, 50, 180), "pink": (240, 100, 170)}
+SHAPES = ("circle", "square", "triangle", "star")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars"}
+OBJECTS = ("house", "tree", "car", "fish", "flower", "boat")
+PATTERNS = ("stripes", "dots", "grid", "checkers", "waves")
+RELATIONS = {  # relation of the first thing to the second: (phrase in questions, phrase in captions, one-word answer)
+    "left": ("left of", "to the left of", "left"), "right": ("right of", "to the right of", "right"),
+    "above": ("above", "above", "above"), "below": ("below", "below", "below")}
+# Text the model reads from pixels. None of these is a token of its own: the tiny tokenizer spells them by
+# letter, since whole-word tokens for rendered words do not learn (DESIGN.md section 9).
+WORDS = ("SUN", "MAP", "BOX", "CUP", "HAT", "JAR", "KEY", "PEN", "RUG", "VAN", "FOX", "BUS", "ICE", "LOG",
+         "NUT", "EGG")
+NAMES = ("ANN", "BOB", "EVE", "IDA", "JON", "KIM", "LEO", "MAX", "NED", "ROY", "SAM", "TOM")
+READ_WORDS = WORDS + NAMES
+
+PHRASES = {  # every fixed text a generator writes; the tiny tokenizer's whole words are read from here
+    "sqa_shape": "Which shape is in the image?", "sqa_color": "Which color is the shape?", "options": "Options:",
+    "read": ("What word is written in the image?", "What does the sign say?", "What is written on the sign?"),
+    "left_right": "Is the {color} {shape} to the left or to the right of the {color2} {shape2}?",
+    "above_below": "Is the {color} {shape} above or below the {color2} {shape2}?",
+    "which_shape": "Which shape is {relation} the {color2} {shape2}?",
+    "which_color": "What color is the shape {relation} the {color2} {shape2}?",
+    "what_color": "What color is this?", "what_shape": "What shape is this?", "what_object": "What is this?",
+    "refer": "the {color} {shape}.",
+    "count": "How many {shapes} are there?", "color_of": "What color is the {shape}?", "is_there": "Is there a {shape}?",
+    "yes_no": "yes no", "unanswerable": "unanswerable",
+    "title": "What is the title of this book?", "author": "Who wrote this book?",
+    "flickr30k": "A {color} {object} is {relation} a {color2} {object2}.",
+    "textcaps": "A {color} sign that says {word}.",
+    # plain scene descriptions for the captioning corpus (no instruction, unlike the tasks)
+    "item": "{color} {shape} at {x} {y}", "sign": "{color} sign {word}", "book": "{color} book {word} by {name}",
+    "pattern": "{pattern}, {item}", "noise": "noise", "dark": "dark",
+}
+
+
+@dataclass
+class Item:
+    """One thing drawn: a shape, an object, a sign, a book, a word or a background pattern;
+    box (x1, y1, x2, y2) in pixels, end exclusive."""
+    name: str
+    color: str
+    box: tuple
+    text: str = ""
+
+
+@dataclass
+class Sample:
+    """One generated scene and its question. items[0] is the thing the question is about, where there is one."""
+    image: Image.Image
+    question: str           # the text before the instruction (grounding: the referring expression)
+    answer: str             # what the model must write
+    items: list
+    description: str        # a plain description of the scene, for the captioning corpus
+    variants: tuple = ()    # other answers a few of the 10 human annotators give (vqav2, textvqa)
+
+
+@functools.lru_cache(maxsize=None)
+def font(size):
+    return ImageFont.load_default(size=size)   # a real TrueType font shipped inside Pillow
+
+
+def canvas(color=BACKGROUND):
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), color)
+    return image, ImageDraw.Draw(image)
+
+
+def ink_on(color):
+    """Dark or white text, whichever contrasts with the colour it is written on (luma, ITU-R BT.601)."""
+    r, g, b = COLORS[color]
+    return INK if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
+
+
+def draw_item(draw, item):
+    """Draw a shape or an object inside item.box."""
+    x1, y1 = item.box[:2]
+    w, h = item.box[2] - x1 - 1, item.box[3] - y1 - 1      # PIL boxes include their last pixel
+
+    def at(fx, fy):                                         # a point given as fractions of the box
+        return x1 + fx * w, y1 + fy * h
+
+    fill = COLORS[item.color]
+    if item.name == "circle":
+        draw.ellipse((*at(0, 0), *at(1, 1)), fill=fill)
+    elif item.name == "square":
+        draw.rectangle((*at(0, 0), *at(1, 1)), fill=fill)
+    elif item.name == "triangle":
+        draw.polygon([at(0, 1), at(0.5, 0), at(1, 1)], fill=fill)
+    elif item.name == "star":   # 10 points alternating between the outer radius and 0.45 of it
+        draw.polygon([at(0.5 + 0.5 * (1 if i % 2 == 0 else 0.45) * math.sin(i * math.pi / 5),
+                         0.5 - 0.5 * (1 if i % 2 == 0 else 0.45) * math.cos(i * math.pi / 5)) for i in range(10)],
+                     fill=fill)
+    elif item.name == "house":
+        draw.rectangle((*at(0.15, 0.45), *at(0.85, 1)), fill=fill)
+        draw.polygon([at(0, 0.5), at(0.5, 0), at(1, 0.5)], fill=INK)
+    elif item.name == "tree":
+        draw.rectangle((*at(0.4, 0.6), *at(0.6, 1)), fill=INK)
+        draw.ellipse((*at(0, 0), *at(1, 0.7)), fill=fill)
+    elif item.name == "car":
+        draw.rectangle((*at(0.2, 0.15), *at(0.75, 0.45)), fill=fill)
+        draw.rectangle((*at(0, 0.4), *at(1, 0.8)), fill=fill)
+        draw.ellipse((*at(0.1, 0.65), *at(0.35, 1)), fill=INK)
+        draw.ellipse((*at(0.65, 0.65), *at(0.9, 1)), fill=INK)
+    elif item.name == "fish":
+        draw.polygon([at(0, 0.15), at(0.4, 0.5), at(0, 0.85)], fill=fill)
+        draw.ellipse((*at(0.25, 0.2), *at(1, 0.8)), fill=fill)
+        draw.ellipse((*at(0.75, 0.35), *at(0.85, 0.5)), fill=INK)
+    elif item.name == "flower":
+        draw.rectangle((*at(0.45, 0.5), *at(0.55, 1)), fill=INK)
+        for fx, fy in ((0.5, 0), (0.2, 0.25), (0.8, 0.25), (0.5, 0.5)):
+            draw.ellipse((*at(fx - 0.2, fy), *at(fx + 0.2, fy + 0.35)), fill=fill)
+    elif item.name == "boat":
+        draw.polygon([at(0, 0.7), at(1, 0.7), at(0.8, 1), at(0.2, 1)], fill=INK)
+        draw.polygon([at(0.5, 0), at(0.5, 0.62), at(0.95, 0.62)], fill=fill)
+        draw.polygon([at(0.45, 0.1), at(0.45, 0.62), at(0.1, 0.62)], fill=fill)
+    else:
+        raise ValueError(f"cannot draw {item.name!r}; known: {', '.join(SHAPES + OBJECTS)}")
+
+
+def draw_word(draw, rng, word, size, fill, region):
+    """Write word at a random place inside region (x1, y1, x2, y2); return the box its glyphs cover."""
+    left, top, right, bottom = draw.textbbox((0, 0), word, font=font(size))
+    x = rng.randint(region[0] - left, region[2] - right)
+    y = rng.randint(region[1] - top, region[3] - bottom)
+    draw.text((x, y), word, font=font(size), fill=fill)
+    return x + left, y + top, x + right, y + bottom
+
+
+def paint_pattern(draw, pattern, back, fore, step):
+    """Fill the whole image with a two-colour pattern repeating every step pixels."""
+    n = IMAGE_SIZE
+    draw.rectangle((0, 0, n, n), fill=back)
+    for a in range(0, n, step):
+        if pattern == "stripes":
+            draw.rectangle((0, a, n, a + step // 2 - 1), fill=fore)
+        elif pattern == "grid":
+            draw.rectangle((a, 0, a + 1, n), fill=fore)
+            draw.rectangle((0, a, n, a + 1), fill=fore)
+        elif pattern == "waves":
+            draw.line([(x, a + 3 * math.sin(x / 3)) for x in range(0, n + 1, 2)], fill=fore, width=2)
+        for b in range(0, n, step):
+            if pattern == "dots":
+                draw.ellipse((a + step // 2 - 2, b + step // 2 - 2, a + step // 2 + 2, b + step // 2 + 2), fill=fore)
+            elif pattern == "checkers" and (a + b) // step % 2:
+                draw.rectangle((a, b, a + step - 1, b + step - 1), fill=fore)
+
+
+def place(rng, sizes):
+    """Square boxes of the given sizes on an 8-pixel grid, each at least 8 pixels from the others.
+    The grid keeps grounding's box coordinates to a few values a tiny model can learn to write."""
+    while True:
+        boxes = []
+        for size in sizes:
+            for _ in range(50):
+                x, y = (8 * rng.randrange((IMAGE_SIZE - size) // 8 + 1) for _ in range(2))
+                box = (x, y, x + size, y + size)
+                if all(box[2] + 8 <= b[0] or b[2] + 8 <= box[0] or box[3] + 8 <= b[1] or b[3] + 8 <= box[1]
+                       for b in boxes):
+                    boxes.append(box)
+                    break
+        if len(boxes) == len(sizes):
+            return boxes
+
+
+def random_box(rng, low, high):
+    size = rng.randint(low, high)
+    x, y = rng.randint(0, IMAGE_SIZE - size), rng.randint(0, IMAGE_SIZE - size)
+    return x, y, x + size, y + size
+
+
+def pair(rng, kinds, size):
+    """Two things of different kind and colour side by side or one above the other; return them and the
+    relation of the first to the second."""
+    (kind, kind2), (color, color2) = rng.sample(kinds, 2), rng.sample(list(COLORS), 2)
+    near, far = rng.randint(0, 8), rng.randint(IMAGE_SIZE - size - 8, IMAGE_SIZE - size)
+    across = rng.randint(0, IMAGE_SIZE - size)
+    across1, across2 = (min(max(across + rng.randint(-6, 6), 0), IMAGE_SIZE - size) for _ in range(2))
+    first_near = rng.random() < 0.5
+    along1, along2 = (near, far) if first_near else (far, near)
+    if rng.random() < 0.5:
+        relation = "left" if first_near else "right"
+        corners = (along1, across1), (along2, across2)
+    else:
+        relation = "above" if first_near else "below"
+        corners = (across1, along1), (across2, along2)
+    items = [Item(k, c, (x, y, x + size, y + size)) for k, c, (x, y) in zip((kind, kind2), (color, color2), corners)]
+    return items, relation
+
+
+def scene(items, background=BACKGROUND):
+    image, draw = canvas(background)
+    for item in items:
+        draw_item(draw, item)
+    return image
+
+
+def describe(items):
+    return ", ".join(PHRASES["item"].format(color=i.color, shape=i.name, x=i.box[0] // 8, y=i.box[1] // 8)
+                     for i in items)
+
+
+def normalized_box(box):
+    """Pixel box -> [x1, y1, x2, y2] in [0, 1] with 2 decimals, rounded outward so it still contains the object."""
+    x1, y1, x2, y2 = box
+    return [(x1 * 100 // IMAGE_SIZE) / 100, (y1 * 100 // IMAGE_SIZE) / 100,
+            -(-x2 * 100 // IMAGE_SIZE) / 100, -(-y2 * 100 // IMAGE_SIZE) / 100]
+
+
+def format_box(box):
+    return "[" + ", ".join(f"{v:.2f}" for v in box) + "]"
+
+
+def human_answers(rng, answer, variants):
+    """10 answers as 10 VQA annotators give them: mostly the true one, up to 3 of them something else."""
+    wrong = rng.randint(0, 3)
+    answers = [answer] * (10 - wrong) + [rng.choice(variants) for _ in range(wrong)]
+    rng.shuffle(answers)
+    return answers
+
+
+# ----------------------------------------------------------------------------------------------
+# One generator per task: rng -> Sample. Same instruction and answer format as the real task; a different
+# answer format per task (letter, word, box, sentence), so that instruction-following forgetting can show.
+
+def gen_scienceqa(rng):
+    """Multiple choice about a single shape; the answer is the letter of the right option."""
+    item = Item(rng.choice(SHAPES), rng.choice(list(COLORS)), random_box(rng, 28, 40))
+    question, truth, pool = ((PHRASES["sqa_shape"], item.name, SHAPES) if rng.random() < 0.5
+                             else (PHRASES["sqa_color"], item.color, tuple(COLORS)))
+    options = [truth] + rng.sample([p for p in pool if p != truth], 2)
+    rng.shuffle(options)
+    lines = [question, PHRASES["options"]] + [f"{letter}. {option}" for letter, option in zip("ABC", options)]
+    return Sample(scene([item]), "\n".join(lines), "ABC"[options.index(truth)], [item], describe([item]))
+
+
+def sign(rng):
+    """A coloured sign with a word on it (textvqa, textcaps)."""
+    color, word = rng.choice(list(COLORS)), rng.choice(WORDS)
+    image, draw = canvas()
+    board = (rng.randint(0, 3), rng.randint(4, 14), IMAGE_SIZE - rng.randint(0, 3), IMAGE_SIZE - rng.randint(4, 14))
+    draw.rectangle((board[0], board[1], board[2] - 1, board[3] - 1), fill=COLORS[color])
+    glyphs = draw_word(draw, rng, word, 24, ink_on(color), (board[0] + 2, board[1] + 2, board[2] - 2, board[3] - 2))
+    items = [Item("word", color, glyphs, word), Item("sign", color, board)]
+    return image, items, PHRASES["sign"].format(color=color, word=word)
+
+
+def gen_textvqa(rng):
+    image, items, description = sign(rng)
+    word = items[0].text
+    return Sample(image, rng.choice(PHRASES["read"]), word, items, description,
+                  variants=(word.lower(), word[:2], rng.choice(WORDS)))
+
+
+def gen_imagenet(rng):
+    item = Item(rng.choice(OBJECTS), rng.choice(list(COLORS)), random_box(rng, 32, 48))
+    return Sample(scene([item]), TASKS["imagenet"].question, item.name, [item], describe([item]))
+
+
+def gen_gqa(rng):
+    """Two shapes and a question about their relation: left/right/above/below, or the shape or colour of one."""
+    items, relation = pair(rng, SHAPES, 20)
+    first, second = items
+    names = dict(color=first.color, shape=first.name, color2=second.color, shape2=second.name,
+                 relation=RELATIONS[relation][0])
+    kind = rng.choice(("relation", "which_shape", "which_color"))
+    if kind == "relation":
+        template = "left_right" if relation in ("left", "right") else "above_below"
+        return Sample(scene(items), PHRASES[template].format(**names), RELATIONS[relation][2], items, describe(items))
+    answer = first.name if kind == "which_shape" else first.color
+    return Sample(scene(items), PHRASES[kind].format(**names), answer, items, describe(items))
+
+
+def gen_vizwiz(rng):
+    """One big shape or object asked about; 30% of the images are corrupted and then the answer is
+    'unanswerable', as for VizWiz's blurred, dark or empty photos."""
+    kind = rng.choice(("what_color", "what_shape", "what_object"))
+    item = Item(rng.choice(OBJECTS if kind == "what_object" else SHAPES), rng.choice(list(COLORS)),
+                random_box(rng, 28, 44))
+    image, answer, description = scene([item]), (item.name if kind != "what_color" else item.color), describe([item])
+    if rng.random() < 0.3:
+        corruption = rng.choice(("noise", "dark"))
+        image = (Image.frombytes("RGB", image.size, rng.randbytes(3 * IMAGE_SIZE * IMAGE_SIZE)) if corruption == "noise"
+                 else image.point(lambda v: v // 12))
+        answer, description = PHRASES["unanswerable"], PHRASES[corruption]
+    return Sample(image, PHRASES[kind], answer, [item], description)
+
+
+def gen_grounding(rng):
+    """2-3 shapes; the expression names one by colour and shape, each distractor shares one of the two."""
+    color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+    kinds = [(color, shape)]
+    while len(kinds) < rng.choice((2, 3)):
+        other = ((color, rng.choice(SHAPES)) if rng.random() < 0.5 else (rng.choice(list(COLORS)), shape))
+        if other not in kinds:
+            kinds.append(other)
+    boxes = place(rng, [rng.choice((16, 24)) for _ in kinds])
+    items = [Item(s, c, box) for (c, s), box in zip(kinds, boxes)]
+    return Sample(scene(items), PHRASES["refer"].format(color=color, shape=shape),
+                  format_box(normalized_box(items[0].box)), items, describe(items))
+
+
+def gen_vqav2(rng):
+    """Small shapes; count one kind, name a shape's colour, or say whether a shape is there."""
+    kind = rng.choice(("count", "color_of", "is_there"))
+    shape = rng.choice(SHAPES)
+    others = [s for s in SHAPES if s != shape]
+    if kind == "count":
+        n = rng.randint(1, 4)
+        names = [shape] * n + [rng.choice(others) for _ in range(rng.randint(0, 2))]
+        answer, variants = str(n), (str(n - 1), str(n + 1))
+    elif kind == "color_of":
+        names = [shape] + [rng.choice(others) for _ in range(rng.randint(1, 3))]
+    else:
+        present = rng.random() < 0.5
+        names = ([shape] if present else []) + [rng.choice(others) for _ in range(rng.randint(1, 3))]
+        answer, variants = ("yes", ("no",)) if present else ("no", ("yes",))
+    items = [Item(name, rng.choice(list(COLORS)), box) for name, box in zip(names, place(rng, [16] * len(names)))]
+    if kind == "color_of":
+        answer, variants = items[0].color, tuple(c for c in COLORS if c != items[0].color)
+    question = PHRASES[kind].format(shape=shape, shapes=PLURALS[shape])
+    return Sample(scene(items), question, answer, items, describe(items), variants)
+
+
+def gen_ocrvqa(rng):
+    """A book cover with a title and an author; asks for one of them."""
+    color, title, author = rng.choice(("red", "green", "blue", "purple")), rng.choice(WORDS), rng.choice(NAMES)
+    image, draw = canvas(COLORS[color])
+    draw.rectangle((0, 0, 5, IMAGE_SIZE), fill=INK)                   # the spine
+    draw.rectangle((10, 33, IMAGE_SIZE - 4, 34), fill=(255, 255, 255))
+    title_box = draw_word(draw, rng, title, 22, (255, 255, 255), (8, 1, IMAGE_SIZE - 1, 32))
+    author_box = draw_word(draw, rng, author, 18, (255, 255, 255), (8, 36, IMAGE_SIZE - 1, IMAGE_SIZE - 1))
+    items = [Item("word", color, title_box, title), Item("word", color, author_box, author)]
+    if rng.random() < 0.5:
+        items.reverse()
+    question = PHRASES["title"] if items[0].text == title else PHRASES["author"]
+    items.append(Item("book", color, (0, 0, IMAGE_SIZE, IMAGE_SIZE)))
+    return Sample(image, question, items[0].text, items,
+                  PHRASES["book"].format(color=color, word=title, name=author))
+
+
+def gen_flickr30k(rng):
+    items, relation = pair(rng, OBJECTS, 24)
+    first, second = items
+    caption = PHRASES["flickr30k"].format(color=first.color, object=first.name, relation=RELATIONS[relation][1],
+                                          color2=second.color, object2=second.name)
+    return Sample(scene(items), TASKS["flickr30k"].question, caption, items, describe(items))
+
+
+def gen_places365(rng):
+    """A background pattern behind a small shape; the answer is the pattern's name."""
+    pattern, back, fore = rng.choice(PATTERNS), rng.choice(list(COLORS)), rng.choice(list(COLORS))
+    image, draw = canvas()
+    paint_pattern(draw, pattern, tuple(255 - (255 - v) // 4 for v in COLORS[back]), COLORS[fore],
+                  rng.choice((8, 12, 16)))
+    item = Item(rng.choice(SHAPES), rng.choice(list(COLORS)), random_box(rng, 14, 20))
+    draw.rectangle(tuple(v + d for v, d in zip(item.box, (-2, -2, 1, 1))), fill=BACKGROUND)
+    draw_item(draw, item)
+    return Sample(image, TASKS["places365"].question, pattern, [Item(pattern, fore, (0, 0, IMAGE_SIZE, IMAGE_SIZE)),
+                  item], PHRASES["pattern"].format(pattern=pattern, item=describe([item])))
+
+
+def gen_textcaps(rng):
+    image, items, description = sign(rng)
+    caption = PHRASES["textcaps"].format(color=items[1].color, word=items[0].text)
+    return Sample(image, TASKS["textcaps"].question, caption, items, description)
+
+
+GENERATORS = {"scienceqa": gen_scienceqa, "textvqa": gen_textvqa, "imagenet": gen_imagenet, "gqa": gen_gqa,
+              "vizwiz": gen_vizwiz, "grounding": gen_grounding, "vqav2": gen_vqav2, "ocrvqa": gen_ocrvqa,
+              "flickr30k": gen_flickr30k, "places365": gen_places365, "textcaps": gen_textcaps}
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing a task to disk in the CoIN format (DESIGN.md section 4), and the captioning corpus.
+
+def make_synthetic(root, tasks, n_train=1000, n_test=200, seed=0, progress=True):
+    """Write <root>/<task>/train.json, test.json and images/ for each task not already there.
+    Deterministic (same seed, same bytes). Each task is written into <root>/.<task>.partial and renamed when
+    complete, so an interrupted run never leaves a task that looks finished."""
+    tasks = [get_task(name).name for name in tasks]
+    settings = {"seed": seed, "n_train": n_train, "n_test": n_test}
+    os.makedirs(root, exist_ok=True)
+    bar = tqdm(total=len(tasks) * (n_train + n_test), desc="synthetic data", disable=not progress)
+    for name in tasks:
+        final, partial = os.path.join(root, name), os.path.join(root, f".{name}.partial")
+        if os.path.isdir(final):
+            found = read_settings(final)
+            if found == settings:
+                bar.update(n_train + n_test)
+                continue
+            if found is None:
+                raise ValueError(f"{final} holds data make_synthetic did not write; choose another root")
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(os.path.join(partial, "images"))
+        for split, n in (("train", n_train), ("test", n_test)):
+            rng = random.Random(f"{seed}/{name}/{split}")
+            records = []
+            for i in range(n):
+                sample, image = GENERATORS[name](rng), f"images/{split}_{i:05d}.png"
+                sample.image.save(os.path.join(partial, image))
+                records.append(coin_record(TASKS[name], sample, f"{name}-{split}-{i:05d}", f"{name}/{image}", split))
+                bar.update()
+            write_json(os.path.join(partial, f"{split}.json"), records)
+        write_json(os.path.join(partial, "synthetic.json"), settings)
+        if os.path.isdir(final):             # made with other settings: swap the new one in, then drop the old
+            os.replace(final, partial + ".old")
+        os.replace(partial, final)
+        shutil.rmtree(partial + ".old", ignore_errors=True)
+    bar.close()
+
+
+def read_settings(folder):
+    try:
+        with open(os.path.join(folder, "synthetic.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def coin_record(task, sample, record_id, image, split):
+    """A CoIN train record (LLaVA conversation) or test record (question_id, text, answer)."""
+    text = compose_text(task, sample.question)
+    if split == "train":
+        return {"id": record_id, "image": image, "conversations": [
+            {"from": "human", "value": "<image>\n" + text}, {"from": "gpt", "value": sample.answer}]}
+    record = {"question_id": record_id, "image": image, "text": text}
+    if task.answer_kind == "bbox":
+        record.update(answer_bbox=sample.answer, size=[IMAGE_SIZE, IMAGE_SIZE])
+    elif task.scorer == "vqa":
+        record["answer"] = human_answers(random.Random(record_id), sample.answer, sample.variants)
+    else:
+        record["answer"] = sample.answer
+    return record
+
+
+def caption_corpus(n, seed):
+    """n (image, description) pairs of scenes from every task's generator, described plainly with no instruction:
+    what the tiny base model is pretrained on before any task."""
+    rng = random.Random(f"{seed}/corpus")
+    samples = [GENERATORS[name](rng) for name in [*GENERATORS] * (n // len(GENERATORS) + 1)][:n]
+    return [(s.image, s.description) for s in samples]
+
+
+# ----------------------------------------------------------------------------------------------
+# The loader: CoIN-format JSON, synthetic or real (playground/Instructions/<Folder>/{train,test}.json with
+# image paths relative to an image folder, e.g. cl_dataset).
+
+def load_records(root, task, split, instructions="default", image_root=None):
+    """Records {"id", "image" (absolute path), "text" (question + instruction, no <image>), "instruction" (its
+    substring of text), "answer" (train: the gpt turn; test: a str, a list of human answers or a box of 4 floats)}.
+    instructions="diverse" swaps each record's instruction for one of the task's 5 paraphrases."""
+    task = get_task(task)
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}; known: train, test")
+    if instructions not in ("default", "diverse"):
+        raise ValueError(f"unknown instructions {instructions!r}; known: default, diverse")
+    folder = os.path.join(root, task.name)
+    if not os.path.isdir(folder) and os.path.isdir(os.path.join(root, task.folder)):
+        folder = os.path.join(root, task.folder)
+    path = os.path.join(folder, f"{split}.json")
+    raw = read_json(path)
+    if not isinstance(raw, list):
+        raise ValueError(f"{path}: expected a JSON list of records, found {type(raw).__name__}")
+    return [parse_record(task, path, i, record, split, instructions, image_root or root)
+            for i, record in enumerate(raw)]
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def parse_record(task, path, index, record, split, instructions, image_root):
+    def field(obj, name, where):
+        if not isinstance(obj, dict) or name not in obj:
+            raise ValueError(f"{path}: {where} has no field {name!r}")
+        return obj[name]
+
+    where = f"record {index}"
+    record_id = str(field(record, "id" if split == "train" else "question_id", where))
+    where = f"record {index} (id {record_id})"
+    image = os.path.abspath(os.path.join(image_root, field(record, "image", where)))
+    if split == "train":
+        turns = field(record, "conversations", where)
+        human = next((t for t in turns if isinstance(t, dict) and t.get("from") == "human"), None)
+        gpt = next((t for t in turns if isinstance(t, dict) and t.get("from") == "gpt"), None)
+        text, answer = field(human, "value", where + " human turn"), field(gpt, "value", where + " gpt turn")
+    else:
+        text = field(record, "text", where)
+        if task.answer_kind == "bbox" and "answer_bbox" in record:
+            box = record["answer_bbox"]      # CoIN writes the box as a string "[x1, y1, x2, y2]"
+            answer = [float(v) for v in (box.strip("[] ").split(",") if isinstance(box, str) else box)]
+        else:
+            answer = field(record, "answer", where)
+            answer = [str(a) for a in answer] if isinstance(answer, list) else str(answer)
+    if not os.path.isfile(image):
+        raise ValueError(f"{path}: {where}: image {image} not found")
+    text = text.replace("<image>", "").strip()
+    start, end = find_instruction(task, text)
+    instruction = text[start:end]
+    if instructions == "diverse":
+        instruction = task.paraphrases[zlib.crc32(record_id.encode()) % len(task.paraphrases)]
+        text = text[:start] + instruction + text[end:]
+    return {"id": record_id, "image": image, "text": text, "instruction": instruction, "answer": answer}
+
+
+def find_instruction(task, text):
+    """(start, end) of the instruction in text: the last place one of the task's known templates occurs
+    (grounding's comes before the expression), else the text's last line."""
+    for template in sorted((task.instruction, *task.paraphrases), key=len, reverse=True):
+        start = text.rfind(template)
+        if start >= 0:
+            return start, start + len(template)
+    return text.rfind("\n") + 1, len(text)
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiny model's processor. Its tokenizer has a whole-word token for each word of the instructions,
+# questions and captions, and spells everything else (the words the model reads from pixels, numbers) by
+# character: DESIGN.md section 9 found whole-word tokens for rendered words do not learn.
+
+SPACE = "\u2581"     # stands for a space before a token, so decode gives back the text exactly
+LLAVA_PROMPT = "USER: <image>\n{text} ASSISTANT:"
+# llava-hf/llava-1.5-7b-hf's chat template, which renders LLAVA_PROMPT
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def vocabulary_words():
+    """Every word the model reads from the prompt or writes without seeing it drawn."""
+    texts = [LLAVA_PROMPT, *COLORS, *SHAPES, *PLURALS.values(), *OBJECTS, *PATTERNS]
+    texts += [phrase for r in RELATIONS.values() for phrase in r]
+    texts += [p for v in PHRASES.values() for p in ((v,) if isinstance(v, str) else v)]
+    texts += [t for task in TASKS.values() for t in (task.instruction, task.question, *task.paraphrases)]
+    return sorted(set(re.findall(r"[A-Za-z]+", re.sub(r"\{\w+\}", " ", " ".join(texts)))) - set(READ_WORDS))
+
+
+def build_processor():
+    """The tiny model's LlavaProcessor: a WordPiece tokenizer over vocabulary_words() plus characters, and a CLIP
+    image processor at IMAGE_SIZE; 8-pixel patches + CLS, CLS dropped ("default") -> 64 image tokens."""
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    characters = string.ascii_letters + string.digits
+    vocab = specials + ["\n", SPACE, *string.punctuation]
+    vocab += [form for c in characters for form in (c, SPACE + c, "##" + c)]   # word start, after a space, inside
+    vocab += [form for w in vocabulary_words() for form in (w, SPACE + w)]
+    vocab = list(dict.fromkeys(vocab))                                      # one-letter words are characters already
+    tokenizer = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("\n", "isolated"),
+        pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never"),  # "a red" -> "a", "_red"
+        pre_tokenizers.Punctuation("isolated")])
+    # ours: WordPiece's own decoder joins words with spaces and loses "[0.12, 0.34" spacing; the SPACE marks keep it
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("##", ""), decoders.Replace(SPACE, " ")])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"}, clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"])
+    images = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
+                                   crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return LlavaProcessor(image_processor=images, tokenizer=fast, patch_size=8,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=CHAT_TEMPLATE)
+
+
+def prompt_text(processor, text):
+    """The prompt up to and including the assistant's turn start, by the checkpoint's chat template when it has
+    one (llava-1.5: "USER: <image>\\n{text} ASSISTANT:"), else in llava-1.5's format."""
+    if processor.chat_template is None:
+        return LLAVA_PROMPT.format(text=text)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The collator.
+
+def load_image(record):
+    try:
+        with Image.open(record["image"]) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise ValueError(f"record {record['id']}: image {record['image']} not found") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"record {record['id']}: cannot decode image {record['image']} ({e})") from None
+
+
+class Collator:
+    """Records -> {input_ids (B, L), attention_mask (B, L), pixel_values (B, 3, H, W), ins_mask (B, L) and, when
+    train, labels (B, L)}. Train: prompt + " " + answer + EOS, right-padded, labels -100 except on the answer's
+    tokens and the EOS. Eval: the prompt alone, left-padded for generate. ins_mask is True on the instruction's
+    tokens, which SMoLoRA's instruction router averages over (DESIGN.md section 2.3). Sequences longer than
+    max_length are cut at the end in training (as LLaVA's model_max_length); a prompt that long is an error."""
+
+    def __init__(self, processor, train, max_length=None):
+        self.processor, self.train, self.max_length = processor, train, max_length
+
+    def __call__(self, records):
+        tokenizer = self.processor.tokenizer
+        prompts = [prompt_text(self.processor, r["text"]) for r in records]
+        texts = [p + " " + r["answer"] + tokenizer.eos_token for p, r in zip(prompts, records)] if self.train else prompts
+        batch = self.processor(
+            images=[load_image(r) for r in records], text=texts, padding=True, return_tensors="pt",
+            padding_side="right" if self.train else "left", return_offsets_mapping=True,
+            return_text_replacement_offsets=True, truncation=self.train and self.max_length is not None,
+            max_length=self.max_length if self.train else None)
+        ids = batch["input_ids"]
+        if self.max_length is not None and not self.train and ids.shape[1] > self.max_length:
+            raise ValueError(f"a prompt of {ids.shape[1]} tokens is longer than max_length={self.max_length}")
+        start, end = batch["offset_mapping"].unbind(-1)       # (B, L) character spans in the expanded text
+        real = batch["attention_mask"].bool() & (end > start)  # not padding, not BOS
+        ins_mask = torch.zeros_like(real)
+        labels = torch.full_like(ids, -100)
+        for b, (prompt, record) in enumerate(zip(prompts, records)):
+            # the processor grows each "<image>" into one placeholder per image token before tokenizing
+            shift = sum(r["new_span"][1] - r["new_span"][0] - (r["span"][1] - r["span"][0])
+                        for r in batch["text_replacement_offsets"][b])
+            ins_start = prompt.index(record["text"]) + record["text"].rfind(record["instruction"]) + shift
+            ins_end = ins_start + len(record["instruction"])
+            ins_mask[b] = real[b] & (start[b] < ins_end) & (end[b] > ins_start)
+            answer = real[b] & (start[b] >= len(prompt) + shift)
+            labels[b] = torch.where(answer, ids[b], labels[b])
+        out = {"input_ids": ids, "attention_mask": batch["attention_mask"], "pixel_values": batch["pixel_values"],
+               "ins_mask": ins_mask}
+        if self.train:
+            out["labels"] = labels
+        return out

@@ -1,0 +1,378 @@
+"""data.py: the task table, the synthetic mini-CoIN, the loader, the tiny processor and the collator."""
+import json
+import os
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor
+
+import data
+
+ALL = list(data.TASKS)
+
+
+def samples(task, n=40, seed=0):
+    rng = random.Random(seed)
+    return [data.GENERATORS[task](rng) for _ in range(n)]
+
+
+def files(root):
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, names in os.walk(root) for f in names}
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("synthetic"))
+    data.make_synthetic(root, ALL, n_train=4, n_test=3, seed=0, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return data.build_processor()
+
+
+# ---------------------------------------------------------------------------------------------- task table
+
+def test_task_table_follows_design_section_3():
+    phrase = "Answer the question using a single word or phrase."
+    assert list(data.TASKS) == ["scienceqa", "textvqa", "imagenet", "gqa", "vizwiz", "grounding", "vqav2", "ocrvqa",
+                                "flickr30k", "places365", "textcaps"]
+    assert data.TASKS["scienceqa"].instruction == "Answer with the option's letter from the given choices directly."
+    assert data.TASKS["vizwiz"].instruction == (
+        "When the provided information is insufficient, respond with 'Unanswerable'.\n" + phrase)
+    assert data.TASKS["grounding"].instruction == (
+        "Please provide the bounding box coordinate of the region this sentence describes:")
+    assert data.TASKS["flickr30k"].instruction == "Please describe it in one complete sentence."
+    assert data.TASKS["places365"].question == "What is the background of the image?"
+    assert {t.answer_kind for t in data.TASKS.values()} == {"letter", "phrase", "bbox", "caption"}
+    for task in data.TASKS.values():
+        assert len(set(task.paraphrases)) == 5 and task.instruction not in task.paraphrases
+
+
+# ---------------------------------------------------------------------------------------------- generation on disk
+
+def test_same_seed_gives_byte_identical_files(synthetic, tmp_path):
+    data.make_synthetic(str(tmp_path / "again"), ALL, n_train=4, n_test=3, seed=0, progress=False)
+    assert files(synthetic) == files(tmp_path / "again")
+    data.make_synthetic(str(tmp_path / "other"), ["grounding"], n_train=4, n_test=3, seed=1, progress=False)
+    assert files(tmp_path / "other")["grounding/train.json"] != files(synthetic)["grounding/train.json"]
+
+
+def test_an_interrupted_generation_leaves_no_finished_looking_task(tmp_path, monkeypatch):
+    real, calls = data.GENERATORS["textvqa"], []
+
+    def fails_on_the_third(rng):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(rng)
+
+    monkeypatch.setitem(data.GENERATORS, "textvqa", fails_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        data.make_synthetic(str(tmp_path), ["textvqa"], n_train=4, n_test=2, progress=False)
+    assert not os.path.exists(tmp_path / "textvqa")
+    monkeypatch.undo()
+    data.make_synthetic(str(tmp_path), ["textvqa"], n_train=4, n_test=2, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["textvqa"]
+    assert len(data.load_records(str(tmp_path), "textvqa", "train")) == 4
+
+
+def test_other_settings_regenerate_and_foreign_data_is_left_alone(tmp_path):
+    data.make_synthetic(str(tmp_path), ["gqa"], n_train=2, n_test=1, progress=False)
+    data.make_synthetic(str(tmp_path), ["gqa"], n_train=3, n_test=1, progress=False)
+    assert len(data.load_records(str(tmp_path), "gqa", "train")) == 3
+    os.makedirs(tmp_path / "vqav2")
+    with pytest.raises(ValueError, match="vqav2 holds data make_synthetic did not write"):
+        data.make_synthetic(str(tmp_path), ["vqav2"], n_train=2, n_test=1, progress=False)
+
+
+def test_every_task_loads_back(synthetic):
+    for name in ALL:
+        task = data.TASKS[name]
+        train = data.load_records(synthetic, name, "train")
+        test = data.load_records(synthetic, name, "test")
+        assert len(train) == 4 and len(test) == 3
+        for record in train + test:
+            assert set(record) == {"id", "image", "text", "instruction", "answer"}
+            assert os.path.isabs(record["image"]) and Image.open(record["image"]).size == (64, 64)
+            assert record["instruction"] == task.instruction and "<image>" not in record["text"]
+            if task.answer_kind != "bbox":
+                assert record["text"].endswith("\n" + task.instruction)
+        assert all(isinstance(r["answer"], str) and r["answer"] for r in train)
+        for record in test:
+            if name == "grounding":
+                assert len(record["answer"]) == 4 and all(isinstance(v, float) for v in record["answer"])
+            elif name in ("textvqa", "vqav2"):
+                assert len(record["answer"]) == 10 and all(isinstance(a, str) for a in record["answer"])
+            else:
+                assert isinstance(record["answer"], str)
+
+
+def test_diverse_instructions_swap_only_the_instruction(synthetic):
+    for name in ("scienceqa", "vizwiz", "grounding", "flickr30k"):
+        task = data.TASKS[name]
+        for plain, diverse in zip(data.load_records(synthetic, name, "test"),
+                                  data.load_records(synthetic, name, "test", instructions="diverse")):
+            assert diverse["instruction"] in task.paraphrases
+            assert diverse["text"].replace(diverse["instruction"], task.instruction) == plain["text"]
+            assert diverse["answer"] == plain["answer"]
+
+
+# ---------------------------------------------------------------------------------------------- answers vs scenes
+
+def pixels(image):
+    return np.asarray(image).astype(int)
+
+
+def components(mask):
+    """Number of 4-connected regions of True."""
+    seen, count = np.zeros_like(mask), 0
+    for y, x in zip(*np.nonzero(mask)):
+        if seen[y, x]:
+            continue
+        count, stack = count + 1, [(y, x)]
+        while stack:
+            y, x = stack.pop()
+            if 0 <= y < mask.shape[0] and 0 <= x < mask.shape[1] and mask[y, x] and not seen[y, x]:
+                seen[y, x] = True
+                stack += [(y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)]
+    return count
+
+
+def test_a_grounding_box_contains_its_object():
+    for sample in samples("grounding", 60):
+        x1, y1, x2, y2 = [float(v) for v in re.fullmatch(r"\[([\d.]+), ([\d.]+), ([\d.]+), ([\d.]+)\]",
+                                                           sample.answer).groups()]
+        target = sample.items[0]
+        assert sample.question == f"the {target.color} {target.name}."
+        assert [(i.color, i.name) for i in sample.items].count((target.color, target.name)) == 1
+        alone, draw = data.canvas()
+        data.draw_item(draw, target)
+        drawn = (pixels(alone) != data.BACKGROUND).any(-1)
+        ys, xs = np.nonzero(drawn)
+        assert x1 * 64 <= xs.min() and xs.max() + 1 <= x2 * 64 and y1 * 64 <= ys.min() and ys.max() + 1 <= y2 * 64
+        assert (pixels(sample.image)[drawn] == pixels(alone)[drawn]).all()     # and nothing covers it
+
+
+def test_a_count_equals_the_objects_drawn():
+    singular = {"circles": "circle", "squares": "square", "triangles": "triangle", "stars": "star"}
+    counted = 0
+    for sample in samples("vqav2", 80):
+        shown = (pixels(sample.image) != data.BACKGROUND).any(-1)
+        assert components(shown) == len(sample.items)
+        asked = re.fullmatch(r"How many (\w+) are there\?", sample.question)
+        if asked:
+            counted += 1
+            assert int(sample.answer) == [i.name for i in sample.items].count(singular[asked.group(1)])
+        elif sample.question.startswith("Is there a "):
+            present = sample.question[len("Is there a "):-1] in [i.name for i in sample.items]
+            assert sample.answer == ("yes" if present else "no")
+        else:
+            shape = sample.question[len("What color is the "):-1]
+            assert [i.name for i in sample.items].count(shape) == 1
+            assert sample.answer == next(i.color for i in sample.items if i.name == shape)
+    assert counted > 10
+
+
+def test_other_answers_agree_with_their_scene():
+    for s in samples("scienceqa"):
+        option = dict(line.split(". ") for line in s.question.split("\n")[2:])[s.answer]
+        assert option == (s.items[0].name if s.question.startswith("Which shape") else s.items[0].color)
+    for s in samples("textvqa") + samples("ocrvqa"):
+        assert s.answer == s.items[0].text and s.answer in data.READ_WORDS and s.answer not in s.question
+    for s in samples("ocrvqa"):
+        title, author = re.fullmatch(r"\w+ book (\w+) by (\w+)", s.description).groups()
+        assert s.answer == (title if "title" in s.question else author)
+    for s in samples("gqa"):
+        (a, b), centre = s.items, lambda item, axis: item.box[axis] + item.box[axis + 2]
+        relation = {"left": centre(a, 0) < centre(b, 0) - 40, "right": centre(a, 0) > centre(b, 0) + 40,
+                    "above": centre(a, 1) < centre(b, 1) - 40, "below": centre(a, 1) > centre(b, 1) + 40}
+        if s.answer in relation:
+            assert relation[s.answer] and f"{a.color} {a.name}" in s.question
+        else:
+            assert s.answer in (a.name, a.color) and f"{b.color} {b.name}" in s.question
+    for s in samples("vizwiz", 60):
+        image = pixels(s.image)
+        if s.answer == "unanswerable":
+            assert image.max() < 25 or image.std(axis=(0, 1)).min() > 50     # dark, or noise
+        else:
+            assert image.max() == 245 and s.answer in (s.items[0].name, s.items[0].color)
+    for s in samples("imagenet"):
+        assert s.answer == s.items[0].name in data.OBJECTS
+    for s in samples("places365"):
+        assert s.answer == s.items[0].name in data.PATTERNS
+    for s in samples("flickr30k"):
+        a, b = s.items
+        assert s.answer.startswith(f"A {a.color} {a.name} is ") and s.answer.endswith(f" a {b.color} {b.name}.")
+    for s in samples("textcaps"):
+        assert s.answer == f"A {s.items[1].color} sign that says {s.items[0].text}."
+
+
+def test_caption_corpus_is_deterministic_and_plain():
+    corpus = data.caption_corpus(30, seed=3)
+    again = data.caption_corpus(30, seed=3)
+    assert [(i.tobytes(), t) for i, t in corpus] == [(i.tobytes(), t) for i, t in again]
+    assert [t for _, t in corpus] != [t for _, t in data.caption_corpus(30, seed=4)]
+    for image, text in corpus:
+        assert image.size == (64, 64) and image.mode == "RGB"
+        assert not any(t.instruction in text or t.question and t.question in text for t in data.TASKS.values())
+    assert any(" sign " in t for _, t in corpus) and any(" book " in t for _, t in corpus)
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer, processor
+
+def test_decode_gives_back_every_answer(processor):
+    tokenizer = processor.tokenizer
+    answers = ["[0.12, 0.34, 0.56, 0.78]", "[0.00, 0.50, 1.00, 0.88]", "unanswerable", "A", "B", "C", "3", "SUN",
+               "A pink boat is to the left of a green tree."]
+    answers += [s.answer for task in ALL for s in samples(task, 30)]
+    for answer in answers:
+        ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == answer
+
+
+def test_read_words_are_spelled_and_other_words_are_whole_tokens(processor):
+    tokenizer = processor.tokenizer
+    assert len(tokenizer) < 700
+    for word in data.READ_WORDS:
+        assert tokenizer.tokenize(" " + word) == [data.SPACE + word[0], "##" + word[1], "##" + word[2]]
+    texts = [t for task in ALL for s in samples(task, 30) for t in (s.question, s.answer, s.description)]
+    texts += [t for task in data.TASKS.values() for t in (task.instruction, *task.paraphrases)]
+    for word in {w for text in texts for w in re.findall(r"[A-Za-z]+", text)} - set(data.READ_WORDS):
+        assert len(tokenizer.tokenize(word)) == 1 and len(tokenizer.tokenize(" " + word)) == 1, word
+
+
+def test_processor_saves_and_reloads_without_warnings(processor, tmp_path, capfd, recwarn):
+    processor.save_pretrained(tmp_path)
+    capfd.readouterr()
+    reloaded = AutoProcessor.from_pretrained(tmp_path)
+    assert capfd.readouterr().err == "" and len(recwarn) == 0
+    assert type(reloaded) is type(processor) and type(reloaded.image_processor) is type(processor.image_processor)
+    prompt = data.prompt_text(reloaded, "What is this?\nAnswer now.")
+    assert prompt == "USER: <image>\nWhat is this?\nAnswer now. ASSISTANT:"
+    image = Image.new("RGB", (64, 64), (255, 0, 0))
+    a, b = (p(images=[image], text=[prompt], return_tensors="pt") for p in (processor, reloaded))
+    assert a["input_ids"].tolist() == b["input_ids"].tolist()
+    assert (a["input_ids"] == reloaded.image_token_id).sum() == 64 and b["pixel_values"].shape == (1, 3, 64, 64)
+    assert reloaded.tokenizer.decode(b["input_ids"][0]) == "<s>" + prompt.replace("<image>", "<image>" * 64)
+
+
+# ---------------------------------------------------------------------------------------------- collator
+
+def test_train_labels_cover_exactly_the_answer_and_eos(processor, synthetic):
+    tokenizer = processor.tokenizer
+    records = [data.load_records(synthetic, t, "train", instructions="diverse")[0]
+               for t in ("grounding", "scienceqa", "textcaps", "vizwiz", "textvqa")]
+    batch = data.Collator(processor, train=True)(records)
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "ins_mask", "labels"}
+    assert batch["pixel_values"].shape == (5, 3, 64, 64) and batch["ins_mask"].dtype == torch.bool
+    for b, record in enumerate(records):
+        ids, mask, labels = batch["input_ids"][b], batch["attention_mask"][b], batch["labels"][b]
+        length = int(mask.sum())
+        assert mask[:length].all() and not mask[length:].any()                             # right padding
+        answer = tokenizer(" " + record["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert labels[length - len(answer):length].tolist() == answer
+        assert (labels[:length - len(answer)] == -100).all() and (labels[length:] == -100).all()
+        assert tokenizer.decode(ids[batch["ins_mask"][b]]) == record["instruction"]
+        assert (ids == processor.image_token_id).sum() == 64
+
+
+def test_eval_inputs_are_the_prompt_alone_left_padded(processor, synthetic):
+    tokenizer = processor.tokenizer
+    records = [data.load_records(synthetic, t, "test")[0] for t in ("vqav2", "ocrvqa", "scienceqa")]
+    batch = data.Collator(processor, train=False)(records)
+    assert "labels" not in batch
+    for b, record in enumerate(records):
+        mask = batch["attention_mask"][b]
+        start = len(mask) - int(mask.sum())
+        assert not mask[:start].any() and mask[start:].all()                                # left padding
+        prompt = "USER: " + "<image>" * 64 + "\n" + record["text"] + " ASSISTANT:"
+        assert tokenizer.decode(batch["input_ids"][b][start:]) == "<s>" + prompt
+        assert tokenizer.decode(batch["input_ids"][b][batch["ins_mask"][b]]) == record["instruction"]
+
+
+def test_max_length_cuts_training_and_refuses_a_long_prompt(processor, synthetic):
+    records = data.load_records(synthetic, "scienceqa", "train")[:2]
+    batch = data.Collator(processor, train=True, max_length=90)(records)
+    assert batch["input_ids"].shape[1] == 90
+    with pytest.raises(ValueError, match="longer than max_length=90"):
+        data.Collator(processor, train=False, max_length=90)(records)
+
+
+# ---------------------------------------------------------------------------------------------- real CoIN layout
+
+def write(path, content):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(content if isinstance(content, str) else json.dumps(content))
+
+
+def test_reads_a_handwritten_coin_folder(tmp_path):
+    images, instructions = tmp_path / "cl_dataset", tmp_path / "Instructions"
+    os.makedirs(images / "COCO2014")
+    Image.new("RGB", (640, 480), "gray").save(images / "COCO2014" / "a.jpg")
+    ground = "Please provide the bounding box coordinate of the region this sentence describes:"
+    write(str(instructions / "Grounding" / "train.json"), [
+        {"id": 17, "image": "COCO2014/a.jpg", "conversations": [
+            {"from": "human", "value": f"<image>\n{ground} man on the left."},
+            {"from": "gpt", "value": "[0.1, 0.2, 0.3, 0.4]"}]}])
+    write(str(instructions / "Grounding" / "test.json"), [
+        {"question_id": 5, "image": "COCO2014/a.jpg", "text": f"{ground} dog.",
+         "answer_bbox": "[0.11, 0.22, 0.33, 0.44]", "size": [640, 480]}])
+    write(str(instructions / "TextVQA" / "test.json"), [
+        {"question_id": "q1", "image": "COCO2014/a.jpg", "text": "what is it?\nAnswer the question using a single "
+         "word or phrase.", "answer": ["stop"] * 9 + ["stop sign"]},
+        {"question_id": "q2", "image": "COCO2014/a.jpg", "text": "what is it?\nSay it.", "answer": "go"}])
+    root, image = str(instructions), str(images / "COCO2014" / "a.jpg")
+    [train] = data.load_records(root, "grounding", "train", image_root=str(images))
+    assert train == {"id": "17", "image": image, "text": f"{ground} man on the left.", "instruction": ground,
+                     "answer": "[0.1, 0.2, 0.3, 0.4]"}
+    [test] = data.load_records(root, "grounding", "test", image_root=str(images))
+    assert test == {"id": "5", "image": image, "text": f"{ground} dog.", "instruction": ground,
+                    "answer": [0.11, 0.22, 0.33, 0.44]}
+    known, unknown = data.load_records(root, "textvqa", "test", image_root=str(images))
+    assert known["answer"] == ["stop"] * 9 + ["stop sign"]
+    assert known["instruction"] == "Answer the question using a single word or phrase."
+    assert unknown["instruction"] == "Say it." and unknown["answer"] == "go"          # unknown template: last line
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def one_line_error(call, pattern):
+    with pytest.raises(ValueError, match=pattern) as error:
+        call()
+    assert "\n" not in str(error.value)
+
+
+def test_bad_input_gives_a_one_line_error(tmp_path, processor):
+    root = str(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    one_line_error(lambda: data.load_records(root, "gqa", "train"), r"gqa/train\.json: no such file")
+    write(f"{root}/gqa/train.json", '[\n {"id": "a",\n  }\n]')
+    one_line_error(lambda: data.load_records(root, "gqa", "train"), r"gqa/train\.json: invalid JSON at line 3 column 3")
+    write(f"{root}/gqa/train.json", {"id": "a"})
+    one_line_error(lambda: data.load_records(root, "gqa", "train"), "expected a JSON list of records, found dict")
+    write(f"{root}/gqa/train.json", [{"id": "x1", "image": "ok.png"}])
+    one_line_error(lambda: data.load_records(root, "gqa", "train"),
+                   r"gqa/train\.json: record 0 \(id x1\) has no field 'conversations'")
+    write(f"{root}/gqa/test.json", [{"image": "ok.png", "text": "q", "answer": "a"}])
+    one_line_error(lambda: data.load_records(root, "gqa", "test"), "record 0 has no field 'question_id'")
+    write(f"{root}/gqa/test.json", [{"question_id": 3, "image": "nope.png", "text": "q", "answer": "a"}])
+    one_line_error(lambda: data.load_records(root, "gqa", "test"), r"record 0 \(id 3\): image .*nope\.png not found")
+    with open(tmp_path / "bad.png", "wb") as f:
+        f.write(b"not a png")
+    write(f"{root}/gqa/test.json", [{"question_id": 4, "image": "bad.png", "text": "q\nAnswer.", "answer": "a"}])
+    records = data.load_records(root, "gqa", "test")
+    one_line_error(lambda: data.Collator(processor, train=False)(records), r"record 4: cannot decode image .*bad\.png")
+    one_line_error(lambda: data.load_records(root, "cifar", "train"),
+                   "unknown task 'cifar'; known tasks: scienceqa, textvqa, imagenet, gqa, vizwiz, grounding, vqav2, "
+                   "ocrvqa, flickr30k, places365, textcaps")
+    one_line_error(lambda: data.make_synthetic(root, ["cifar"], progress=False), "unknown task 'cifar'")
+    one_line_error(lambda: data.load_records(root, "gqa", "val"), "unknown split 'val'; known: train, test")
+    one_line_error(lambda: data.load_records(root, "gqa", "test", instructions="many"), "unknown instructions 'many'")
