@@ -740,9 +740,10 @@ class Collator:
             # the processor grows each "<image>" into one placeholder per image token before tokenizing
             shift = sum(r["new_span"][1] - r["new_span"][0] - (r["span"][1] - r["span"][0])
                         for r in batch["text_replacement_offsets"][b])
-            ins_start = prompt.index(record["text"]) + record["text"].rfind(record["instruction"]) + shift
-            ins_end = ins_start + len(record["instruction"])
-            ins_mask[b] = real[b] & (start[b] < ins_end) & (end[b] > ins_start)
+            if record["instruction"]:
+                ins_start = prompt.index(record["text"]) + record["text"].rfind(record["instruction"]) + shift
+                ins_end = ins_start + len(record["instruction"])
+                ins_mask[b] = real[b] & (start[b] < ins_end) & (end[b] > ins_start)
             answer = real[b] & (start[b] >= len(prompt) + shift)
             labels[b] = torch.where(answer, ids[b], labels[b])
         out = {"input_ids": ids, "attention_mask": batch["attention_mask"], "pixel_values": batch["pixel_values"],

@@ -283,6 +283,15 @@ def test_train_labels_cover_exactly_the_answer_and_eos(processor, synthetic):
         assert (ids == processor.image_token_id).sum() == 64
 
 
+def test_a_caption_with_no_instruction_has_an_empty_instruction_mask(processor, synthetic):
+    image = data.load_records(synthetic, "gqa", "train")[0]["image"]
+    record = {"id": "c0", "image": image, "text": "", "instruction": "", "answer": "red circle at 1 2"}
+    batch = data.Collator(processor, train=True)([record])
+    assert not batch["ins_mask"].any()
+    labels = batch["labels"][0]
+    assert processor.tokenizer.decode(labels[labels != -100]) == " red circle at 1 2</s>"
+
+
 def test_eval_inputs_are_the_prompt_alone_left_padded(processor, synthetic):
     tokenizer = processor.tokenizer
     records = [data.load_records(synthetic, t, "test")[0] for t in ("vqav2", "ocrvqa", "scienceqa")]
