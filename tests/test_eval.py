@@ -303,11 +303,10 @@ def test_rescore_run_bad_predictions(tmp_path):
         E.rescore_run(run)
 
 
-def test_cli_rescores_and_rejects_a_bad_folder(tmp_path):
+def test_cli_rescores_and_rejects_a_bad_folder(tmp_path, capsys):
     run = _run_folder(tmp_path)
-    ok = subprocess.run([sys.executable, "eval.py", str(run)], cwd=ROOT, capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
-    assert "| after gqa | 50.00 | 100.00 |" in ok.stdout
+    E.main([str(run)])  # in-process: the subprocess below shows the command line itself
+    assert "| after gqa | 50.00 | 100.00 |" in capsys.readouterr().out
     assert json.loads((run / "results.json").read_text())["matrix"][2] == [50.0, 100.0]
     bad = subprocess.run([sys.executable, "eval.py", str(tmp_path / "nowhere")], cwd=ROOT,
                          capture_output=True, text=True)
@@ -321,3 +320,60 @@ def test_predictions_round_trip(tmp_path):
                    {"question_id": "x", "prompt": "p", "text": "[0.1, 0.2, 0.3, 0.4]", "answer": [0, 0, 1, 1]}]
     E.save_predictions(tmp_path / "sub" / "p.jsonl", predictions)
     assert E.load_predictions(tmp_path / "sub" / "p.jsonl") == predictions
+
+
+# ---------------------------------------------------------------- generation on a tiny random model
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 1-layer, width-32 LlavaForConditionalGeneration with random weights around data.build_processor(),
+    and 5 synthetic scienceqa test records."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    import data
+    torch.manual_seed(0)
+    processor = data.build_processor()
+    tok = processor.tokenizer
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=data.IMAGE_SIZE, patch_size=8)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                         vision_feature_select_strategy="default", vision_feature_layer=-1)
+    model = LlavaForConditionalGeneration(config)
+    root = str(tmp_path_factory.mktemp("data"))
+    data.make_synthetic(root, ["scienceqa"], n_train=1, n_test=5, seed=0, progress=False)
+    return model, processor, root, data.load_records(root, "scienceqa", "test")
+
+
+def test_generate_predictions_one_per_record(tiny):
+    model, processor, _, records = tiny
+    seen = []
+    model.train()
+    predictions = E.generate_predictions(model, processor, records, "scienceqa", batch_size=2,
+                                         before_generate=lambda batch: seen.append(batch))
+    assert model.training  # the caller's mode comes back
+    assert [p["question_id"] for p in predictions] == [r["id"] for r in records]
+    assert [p["answer"] for p in predictions] == [r["answer"] for r in records]
+    assert [p["prompt"] for p in predictions] == [r["text"] for r in records]
+    assert all(isinstance(p["text"], str) and p["text"] == p["text"].strip() for p in predictions)
+    assert [len(b["input_ids"]) for b in seen] == [2, 2, 1] and all("ins_mask" in b for b in seen)
+    # greedy and left-padded: a record's answer does not depend on what it was batched with
+    alone = E.generate_predictions(model, processor, records[:3], "scienceqa", batch_size=1)
+    assert [p["text"] for p in alone] == [p["text"] for p in predictions[:3]]
+
+
+def test_rescore_checks_question_ids_against_the_test_records(tiny, tmp_path):
+    model, processor, root, records = tiny
+    predictions = E.generate_predictions(model, processor, records, "scienceqa", batch_size=5)
+    run = tmp_path / "run"
+    (run / "predictions" / "stage1").mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"method": "lora", "tasks": ["scienceqa"], "config": {"data": root},
+                                                  "matrix": [[None]], "mif": [[None]], "seconds": 1.0}))
+    E.save_predictions(run / "predictions" / "stage1" / "scienceqa.jsonl", predictions)
+    expected = E.task_score("scienceqa", [p["text"] for p in predictions], [r["answer"] for r in records])
+    assert E.rescore_run(run)["matrix"] == [[None], [expected]]
+    E.save_predictions(run / "predictions" / "stage1" / "scienceqa.jsonl", predictions[:4])
+    with pytest.raises(ValueError, match="question ids do not match the 5 test records of scienceqa"):
+        E.rescore_run(run)
