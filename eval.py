@@ -420,7 +420,7 @@ def _row_names(tasks, n_rows):
 def _markdown(results):
     tasks = results["tasks"]
     lines = [f"# {results['method']}: {' -> '.join(tasks)}", ""]
-    tables = (("Score (% ; CIDEr x100 for captions)", results["matrix"]),
+    tables = (("Score (%; CIDEr x100 for captions)", results["matrix"]),
               ("Instruction following (MIF, % of answers in the asked format)", results["mif"]))
     for title, matrix in tables:
         lines += [f"## {title}", "", "| | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
