@@ -365,7 +365,7 @@ def generate_predictions(model, processor, records, task, batch_size=16, before_
     return predictions
 
 
-def _write_atomic(path, content):
+def write_atomic(path, content):
     """Write text or bytes to a temporary file in the same folder, then rename it over `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -375,7 +375,7 @@ def _write_atomic(path, content):
 
 
 def save_predictions(path, predictions):
-    _write_atomic(path, "".join(json.dumps(p) + "\n" for p in predictions))
+    write_atomic(path, "".join(json.dumps(p) + "\n" for p in predictions))
 
 
 def load_predictions(path):
@@ -504,9 +504,9 @@ def write_report(run_dir, results):
             raise ValueError(f"{name} is {len(results[name])}x{len(results[name][0])}; expected at most "
                              f"{len(tasks) + 1} rows (zero-shot + one per stage) of {len(tasks)} tasks")
     results = {**results, "metrics": run_metrics(results["matrix"], results["mif"])}
-    _write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2) + "\n")
-    _write_atomic(os.path.join(run_dir, "matrix.md"), _markdown(results))
-    _write_atomic(os.path.join(run_dir, "matrix.png"), _heatmap_png(results))
+    write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2) + "\n")
+    write_atomic(os.path.join(run_dir, "matrix.md"), _markdown(results))
+    write_atomic(os.path.join(run_dir, "matrix.png"), _heatmap_png(results))
 
 
 def rescore_run(run_dir):
@@ -530,7 +530,8 @@ def rescore_run(run_dir):
         _task(task)
         test_ids = None
         if data_root and os.path.isdir(data_root):
-            test_ids = Counter(str(r["id"]) for r in data.load_records(data_root, task, "test"))
+            records = data.load_records(data_root, task, "test")[:config.get("max_test")]  # the run's share
+            test_ids = Counter(str(r["id"]) for r in records)
         for t in range(len(tasks) + 1):
             pred_path = os.path.join(run_dir, "predictions", f"stage{t}", f"{task}.jsonl")
             if not os.path.isfile(pred_path):
