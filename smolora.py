@@ -6,12 +6,26 @@ Read top to bottom beside the papers (DESIGN.md section 2 holds the equations):
 Notation as in the papers: x a token's input to a linear layer, W0 the frozen weight, r the total rank,
 s = alpha / r the LoRA scale (the TOTAL rank r in both papers' code, also for the mixtures).
 """
+import argparse
+import io
+import json
 import math
+import os
 import re
+import shutil
+import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+import safetensors.torch
+from tqdm import tqdm
+from transformers import (AutoProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration)
+
+import data
+import eval
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,9 +276,10 @@ def set_routing(model, mask, ins):
 
 
 def route_batch(model, batch):
-    """set_routing from a collated batch (input_ids, attention_mask, ins_mask)."""
-    set_routing(model, batch["attention_mask"],
-                instruction_embedding(model, batch["input_ids"], batch["ins_mask"]))
+    """set_routing from a collated batch (input_ids, attention_mask, ins_mask); nothing to do without SMoLoRA."""
+    if any(isinstance(m, SMoLoRALinear) for m in model.modules()):
+        set_routing(model, batch["attention_mask"],
+                    instruction_embedding(model, batch["input_ids"], batch["ins_mask"]))
 
 
 def adapter_state_dict(model):
@@ -287,3 +302,352 @@ def load_adapter_state_dict(model, state):
         raise ValueError(f"adapter state does not fit this model: missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}, other shape {reshaped[:3]} (same method and hyper-parameters?)")
     model.load_state_dict(state, strict=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Models. Any LLaVA checkpoint folder loads through `load_model`; the tiny default one is built,
+#    pretrained on the synthetic captions (all weights: aligned, not instruction-tuned, like the SMoLoRA
+#    paper's base) and saved as an ordinary checkpoint folder in the cache, once.
+
+CACHE = Path(os.environ.get("SMOLORA_CACHE", Path.home() / ".cache" / "smolora"))
+TINY_MODEL = "tiny-llava-v1"       # bump when the recipe below changes, so old caches are not reused
+PRETRAIN = dict(steps=600, batch_size=32, lr=2e-3, corpus=6000)
+
+
+def build_tiny_model(processor):
+    """A 1M-parameter LlavaForConditionalGeneration: CLIP 3 layers x 128 on 64x64 images in patches of 8
+    (64 image tokens), a Llama of 2 layers x 128, the tokenizer's vocabulary (DESIGN.md section 9)."""
+    tokenizer = processor.tokenizer
+    vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=data.IMAGE_SIZE, patch_size=8)
+    text = LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=512,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-1,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    return LlavaForConditionalGeneration(config)
+
+
+def pretrain_tiny_model(path, seed=0, progress=True):
+    """Build the tiny model and train all its weights to caption synthetic scenes; save it to `path`."""
+    torch.manual_seed(seed)
+    processor = data.build_processor()
+    model = build_tiny_model(processor)
+    corpus = data.caption_corpus(PRETRAIN["corpus"], seed)
+    records = [{"id": str(i), "image": image, "text": "", "instruction": "", "answer": caption}
+               for i, (image, caption) in enumerate(corpus)]
+    batches = batch_order(len(records), PRETRAIN["batch_size"], PRETRAIN["steps"], seed)
+    collate = data.Collator(processor, train=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.0)
+    schedule = cosine_with_warmup(optimizer, PRETRAIN["steps"])
+    model.train()
+    bar = tqdm(batches, desc="pretraining the tiny base model", disable=not progress)
+    for indices in bar:
+        loss = train_step(model, collate([records[i] for i in indices]), optimizer, schedule)
+        bar.set_postfix(loss=f"{loss:.3f}")
+    save_checkpoint(model.eval(), processor, path)
+    return path
+
+
+def save_checkpoint(model, processor, path):
+    path = Path(path)
+    temporary = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    processor.save_pretrained(temporary)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(temporary, path)
+
+
+def load_model(name_or_path, device="cpu", dtype=torch.float32):
+    """(model, processor) of a LLaVA checkpoint folder or hub id, as transformers loads any checkpoint."""
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(name_or_path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"--model {name_or_path} is not a LLaVA checkpoint "
+                         f"(a folder saved by LlavaForConditionalGeneration): {str(e).splitlines()[0]}") from None
+    return model.to(device).eval(), processor
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Training: AdamW, cosine schedule with warmup, gradient clipping, next-token loss on the answer.
+
+def batch_order(n, batch_size, steps, seed):
+    """`steps` batches of indices over n records, reshuffled each pass; a pure function of its arguments,
+    so a resumed run draws exactly the batches an uninterrupted one would."""
+    generator = torch.Generator().manual_seed(seed)
+    order = []
+    while len(order) < steps * batch_size:
+        order += torch.randperm(n, generator=generator).tolist()
+    return [order[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
+
+
+def cosine_with_warmup(optimizer, total_steps, warmup=0.03):
+    """Linear warmup over the first 3% of the steps, then cosine decay to zero (the papers' schedule)."""
+    warmup_steps = max(1, round(warmup * total_steps))
+
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class NaNLoss(ValueError):
+    pass
+
+
+def train_step(model, batch, optimizer, schedule, max_grad_norm=1.0):
+    """One step of next-token cross-entropy on the answer tokens (labels are -100 elsewhere)."""
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    route_batch(model, batch)
+    loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 pixel_values=batch["pixel_values"].to(model.dtype), labels=batch["labels"]).loss
+    if not torch.isfinite(loss):
+        raise NaNLoss(f"the loss became {loss.item()}")
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The continual run: zero-shot row, then for each task in order: tune, save, evaluate every task.
+
+SYNTHETIC = dict(n_train=1000, n_test=200)   # records per task of the synthetic mini-CoIN
+CHECKPOINT_SECONDS = 300                     # a mid-stage checkpoint at most this often
+# Adapter and training defaults: the papers' for a real checkpoint; for the tiny model a rank and learning
+# rate in proportion to its width (128 against 4096) and epochs enough for it to learn a task.
+PAPER_DEFAULTS = dict(r=128, alpha=256, experts=8, lr=1e-4, batch_size=8, epochs=1)
+TINY_DEFAULTS = dict(r=32, alpha=64, experts=8, lr=2e-3, batch_size=32, epochs=4)
+PROJECTOR_LR_FACTOR = 0.2                    # SMoLoRA's projector adapters: 2e-5 against 1e-4 (DESIGN.md 2.3)
+# what must agree for --resume to continue a run, or for a rerun to replace it
+RUN_IDENTITY = ("method", "tasks", "model", "data", "seed", "epochs", "lr", "batch_size", "r", "alpha",
+                "experts", "top_k", "max_train", "max_test")
+
+
+def adapter_hparams(cfg):
+    hparams = dict(r=cfg["r"], alpha=cfg["alpha"])
+    if cfg["method"] != "lora":
+        hparams["num_experts"] = cfg["experts"]
+    if cfg["method"] == "smolora":
+        hparams["top_k"] = cfg["top_k"]
+    return hparams
+
+
+def prepare_out(cfg):
+    """Refuse an --out folder that holds another run; clear this run's own files unless resuming."""
+    out = Path(cfg["out"])
+    saved = out / "results.json"
+    if saved.exists():
+        old = json.loads(saved.read_text()).get("config") or {}
+        differs = [k for k in RUN_IDENTITY if old.get(k) != cfg[k]]
+        if differs:
+            raise ValueError(f"--out {out} holds a different run ({', '.join(f'{k}={old.get(k)!r}' for k in differs)}"
+                             f"); choose another --out or delete that folder")
+    if not cfg["resume"]:
+        for stale in ("adapters", "predictions", "checkpoint.pt"):
+            path = out / stale
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def evaluate(model, processor, task, records, path, cfg):
+    """(score, MIF) of the model on a task; the predictions are saved, and reused when resuming."""
+    if cfg["resume"] and path.exists():
+        predictions = eval.load_predictions(path)
+    else:
+        predictions = eval.generate_predictions(model, processor, records, task, batch_size=cfg["batch_size"],
+                                                before_generate=lambda batch: route_batch(model, batch),
+                                                desc=f"evaluating {task}")
+        eval.save_predictions(path, predictions)
+    return eval.score_predictions(task, predictions)
+
+
+def train_stage(model, processor, records, cfg, stage, out):
+    """Tune the adapters on one task's records; a checkpoint every CHECKPOINT_SECONDS, resumable."""
+    steps = max(1, math.ceil(cfg["epochs"] * len(records) / cfg["batch_size"]))
+    batches = batch_order(len(records), cfg["batch_size"], steps, cfg["seed"] + stage)
+    llm, projector = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (projector if "multi_modal_projector" in name else llm).append(p)
+    optimizer = torch.optim.AdamW([{"params": llm, "lr": cfg["lr"]},
+                                   {"params": projector, "lr": cfg["lr"] * PROJECTOR_LR_FACTOR}], weight_decay=0.0)
+    schedule = cosine_with_warmup(optimizer, steps)
+    torch.manual_seed(cfg["seed"] + stage)          # adapter dropout: the same draws on every run
+    checkpoint, start = out / "checkpoint.pt", 0
+    if cfg["resume"] and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        if state["stage"] == stage:
+            load_adapter_state_dict(model, state["adapters"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            torch.set_rng_state(state["rng"])
+            start = state["step"]
+    collate, last_save = data.Collator(processor, train=True), time.time()
+    model.train()
+    bar = tqdm(range(start, steps), desc=f"stage {stage}: tuning on {cfg['tasks'][stage - 1]}", initial=start,
+               total=steps)
+    for step in bar:
+        try:
+            loss = train_step(model, collate([records[i] for i in batches[step]]), optimizer, schedule)
+        except NaNLoss as e:
+            kept = checkpoint if checkpoint.exists() else out / "adapters" / f"stage{stage - 1}.safetensors"
+            raise NaNLoss(f"{e} at stage {stage} step {step}: stopped; the last good checkpoint is kept "
+                          f"({kept if kept.exists() else 'none yet'}); lower --lr and rerun with --resume") from None
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if time.time() - last_save > CHECKPOINT_SECONDS and step + 1 < steps:
+            eval.write_atomic(checkpoint, torch_bytes(
+                {"stage": stage, "step": step + 1, "adapters": adapter_state_dict(model), "rng": torch.get_rng_state(),
+                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}))
+            last_save = time.time()
+    model.eval()
+
+
+def torch_bytes(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def ensure_tiny_model(cache, progress=True):
+    path = Path(cache) / TINY_MODEL
+    if not (path / "config.json").exists():
+        print(f"building the tiny base model in {path} (once)")
+        pretrain_tiny_model(path, progress=progress)
+    return path
+
+
+def run(cfg, progress=True):
+    """Sequential tuning on cfg["tasks"] with cfg["method"]; returns the results dict (DESIGN.md section 8)."""
+    started = time.time()
+    out = prepare_out(cfg)
+    cache = Path(cfg["cache"])
+    model_path = cfg["model"] or ensure_tiny_model(cache, progress)
+    data_root = cfg["data"] or cache / "data-v1"
+    if not cfg["data"]:
+        data.make_synthetic(data_root, cfg["tasks"], seed=0, progress=progress, **SYNTHETIC)
+    tasks = cfg["tasks"]
+    train = {t: data.load_records(data_root, t, "train")[:cfg["max_train"]] for t in tasks}
+    test = {t: data.load_records(data_root, t, "test")[:cfg["max_test"]] for t in tasks}
+    dtype = getattr(torch, cfg["dtype"])
+    model, processor = load_model(model_path, cfg["device"], dtype)
+    if cfg["grad_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    T = len(tasks)
+    results = {"method": cfg["method"], "tasks": list(tasks), "config": cfg,
+               "matrix": [[None] * T for _ in range(T + 1)], "mif": [[None] * T for _ in range(T + 1)],
+               "seconds": None}
+    previous = out / "results.json"
+    earlier_seconds = json.loads(previous.read_text()).get("seconds") or 0 if cfg["resume"] and previous.exists() else 0
+
+    def evaluate_row(stage):
+        for i, task in enumerate(tasks):
+            path = out / "predictions" / f"stage{stage}" / f"{task}.jsonl"
+            results["matrix"][stage][i], results["mif"][stage][i] = evaluate(model, processor, task, test[task],
+                                                                             path, cfg)
+        results["seconds"] = earlier_seconds + time.time() - started
+        eval.write_report(out, results)
+        print(f"\nafter stage {stage} of {T}:\n" + (out / "matrix.md").read_text())
+
+    evaluate_row(0)
+    torch.manual_seed(cfg["seed"])
+    add_adapters(model, cfg["method"], **adapter_hparams(cfg))
+    for stage, task in enumerate(tasks, 1):
+        saved = out / "adapters" / f"stage{stage}.safetensors"
+        if cfg["resume"] and saved.exists():
+            load_adapter_state_dict(model, safetensors.torch.load_file(saved))
+        else:
+            train_stage(model, processor, train[task], cfg, stage, out)
+            saved.parent.mkdir(exist_ok=True)
+            eval.write_atomic(saved, safetensors.torch.save(adapter_state_dict(model)))
+            (out / "checkpoint.pt").unlink(missing_ok=True)
+        evaluate_row(stage)
+    return json.loads((out / "results.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The command line: `python smolora.py --tasks scienceqa,textvqa`.
+
+def parse_tasks(text):
+    if text in ("coin", "smolora"):
+        return list(data.COIN_TASKS if text == "coin" else data.SMOLORA_TASKS)
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in data.TASKS]
+    if unknown or not tasks or len(set(tasks)) != len(tasks):
+        raise ValueError(f"--tasks {text!r} is not allowed: give distinct names among {', '.join(data.TASKS)}, "
+                         f"or 'coin' or 'smolora'")
+    return tasks
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Continual visual instruction tuning: tune a LLaVA model on tasks "
+                                            "one after another, evaluate every task after every stage.")
+    p.add_argument("--tasks", required=True, help="comma-separated task names in training order, or 'coin' "
+                                                  "(CoIN's 8) or 'smolora' (SMoLoRA's 6 upstream)")
+    p.add_argument("--method", default="smolora", help="adapter: lora | moelora | smolora")
+    p.add_argument("--model", help="a LLaVA checkpoint folder or id (default: the tiny model, built once)")
+    p.add_argument("--data", help="a CoIN-format data root (default: the synthetic mini-CoIN, made once)")
+    p.add_argument("--out", help="the run folder (default: runs/<method>-<tasks>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from where it stopped")
+    p.add_argument("--cache", default=str(CACHE), help="where the tiny model and synthetic data are kept "
+                                                       "(default $SMOLORA_CACHE or ~/.cache/smolora)")
+    p.add_argument("--seed", type=int, default=0, help="seed of adapter init, data order and dropout")
+    p.add_argument("--epochs", type=float, help="passes over each task's training records")
+    p.add_argument("--lr", type=float, help="learning rate of the LLM's adapters (projector's: x0.2)")
+    p.add_argument("--batch-size", type=int, help="training and evaluation batch size")
+    p.add_argument("--r", type=int, help="total adapter rank")
+    p.add_argument("--alpha", type=float, help="LoRA alpha: the scale is alpha / r")
+    p.add_argument("--experts", type=int, help="number of experts (MoELoRA, SMoLoRA)")
+    p.add_argument("--top-k", type=int, default=1, help="experts kept per pool by SMoLoRA's routers (paper: 1)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    p.add_argument("--max-train", type=int, help="use at most this many training records per task")
+    p.add_argument("--max-test", type=int, help="evaluate on at most this many test records per task")
+    return p.parse_args(argv)
+
+
+def make_config(args):
+    """The run's configuration: flags given, else the defaults for a real checkpoint or the tiny model."""
+    if args.method not in TARGETS:
+        raise ValueError(f"--method {args.method!r} is not allowed: choose one of {', '.join(TARGETS)}")
+    tasks = parse_tasks(args.tasks)
+    defaults = PAPER_DEFAULTS if args.model else TINY_DEFAULTS
+    cfg = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype {dtype!r} is not allowed: choose float32, bfloat16 or float16")
+    for name in ("epochs", "lr", "batch_size", "r", "alpha", "experts", "top_k", "max_train", "max_test"):
+        value = cfg.get(name, getattr(args, name))
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} {value} is not allowed: it must be positive")
+    return {"method": args.method, "tasks": tasks, "model": args.model,
+            "data": str(Path(args.data).resolve()) if args.data else None,
+            "out": args.out or f"runs/{args.method}-{'-'.join(tasks)}", "resume": args.resume, "cache": args.cache,
+            "seed": args.seed, **cfg, "top_k": args.top_k, "max_train": args.max_train, "max_test": args.max_test,
+            "device": args.device, "dtype": dtype, "grad_checkpointing": args.grad_checkpointing}
+
+
+def main(argv=None):
+    try:
+        cfg = make_config(parse_args(argv))
+        print("configuration: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
+        results = run(cfg)
+    except ValueError as e:   # bad input, a NaN loss: one line, exit status 2, nothing saved is lost
+        print(f"smolora.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    metrics = results["metrics"]
+    print(f"done in {results['seconds']:.0f} s: " + ", ".join(
+        f"{k} {v:.1f}" for k, v in metrics.items() if v is not None) + f"; report in {cfg['out']}/matrix.md")
+
+
+if __name__ == "__main__":
+    main()
