@@ -83,10 +83,14 @@ def test_an_interrupted_generation_leaves_no_finished_looking_task(tmp_path, mon
     assert len(data.load_records(str(tmp_path), "textvqa", "train")) == 4
 
 
-def test_other_settings_regenerate_and_foreign_data_is_left_alone(tmp_path):
+def test_other_settings_regenerate_and_foreign_data_is_left_alone(tmp_path, monkeypatch):
     data.make_synthetic(str(tmp_path), ["gqa"], n_train=2, n_test=1, progress=False)
     data.make_synthetic(str(tmp_path), ["gqa"], n_train=3, n_test=1, progress=False)
     assert len(data.load_records(str(tmp_path), "gqa", "train")) == 3
+    monkeypatch.setattr(data, "SYNTHETIC_VERSION", data.SYNTHETIC_VERSION + 1)
+    data.make_synthetic(str(tmp_path), ["gqa"], n_train=3, n_test=1, progress=False)
+    settings = json.load(open(tmp_path / "gqa" / "synthetic.json"))
+    assert settings["version"] == data.SYNTHETIC_VERSION and sorted(os.listdir(tmp_path)) == ["gqa"]
     os.makedirs(tmp_path / "vqav2")
     with pytest.raises(ValueError, match="vqav2 holds data make_synthetic did not write"):
         data.make_synthetic(str(tmp_path), ["vqav2"], n_train=2, n_test=1, progress=False)
