@@ -141,8 +141,7 @@ PHRASES = {  # every fixed text a generator writes; the tiny tokenizer's whole w
     "flickr30k": "A {color} {object} is {relation} a {color2} {object2}.",
     "textcaps": "A {color} sign that says {word}.",
     # plain scene descriptions for the captioning corpus (no instruction, unlike the tasks)
-    "item": "{color} {shape}", "placed": "{color} {shape} {box}",
-    "pair": "{color} {shape} {relation} {color2} {shape2}", "sign": "{color} sign {word}",
+    "item": "{color} {shape}", "placed": "{color} {shape} {box}", "sign": "{color} sign {word}",
     "book": "{color} book {word} by {name}", "pattern": "{pattern}, {item}", "noise": "noise", "dark": "dark",
 }
 
@@ -179,9 +178,9 @@ def canvas(color=BACKGROUND):
 
 
 def draw_item(draw, item):
-    """Draw a shape or an object inside item.box."""
-    x1, y1 = item.box[:2]
-    w, h = item.box[2] - x1 - 1, item.box[3] - y1 - 1      # PIL boxes include their last pixel
+    """Draw a shape or an object inside item.box, a pixel off its edges so that neighbours never touch."""
+    x1, y1 = item.box[0] + 1, item.box[1] + 1
+    w, h = item.box[2] - x1 - 2, item.box[3] - y1 - 2      # PIL boxes include their last pixel
 
     def at(fx, fy):                                         # a point given as fractions of the box
         return x1 + fx * w, y1 + fy * h
@@ -254,18 +253,23 @@ def paint_pattern(draw, pattern, back, fore, step):
                 draw.rectangle((a, b, a + step - 1, b + step - 1), fill=fore)
 
 
-def place(rng, sizes, grid):
-    """Square boxes of the given sizes with corners on a grid of `grid` pixels, none touching another."""
+CELL = 16   # scenes of several things sit on a 4x4 grid of cells of 2x2 patches; boxes are whole cells, so
+            # box coordinates are quarters: few enough values for a tiny model to learn to write
+
+
+def place(rng, spans):
+    """Boxes spanning the given numbers of cells (1 or 2 each way), on free cells of the grid."""
+    cells = IMAGE_SIZE // CELL
     while True:
         boxes = []
-        for size in sizes:
-            for _ in range(50):
-                x, y = (grid * rng.randrange((IMAGE_SIZE - size) // grid + 1) for _ in range(2))
-                box = (x, y, x + size, y + size)
-                if all(box[2] < b[0] or b[2] < box[0] or box[3] < b[1] or b[3] < box[1] for b in boxes):
-                    boxes.append(box)
-                    break
-        if len(boxes) == len(sizes):
+        for span in spans:
+            free = [box for box in ((CELL * c, CELL * r, CELL * (c + span), CELL * (r + span))
+                                    for r in range(cells + 1 - span) for c in range(cells + 1 - span))
+                    if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes)]
+            if not free:
+                break
+            boxes.append(rng.choice(free))
+        if len(boxes) == len(spans):
             return boxes
 
 
@@ -275,22 +279,18 @@ def random_box(rng, low, high):
     return x, y, x + size, y + size
 
 
-def pair(rng, kinds, size):
-    """Two things of different kind and colour side by side or one above the other; return them and the
+def pair(rng, kinds):
+    """Two big things of different kind and colour side by side or one above the other; return them and the
     relation of the first to the second."""
     (kind, kind2), (color, color2) = rng.sample(kinds, 2), rng.sample(list(COLORS), 2)
-    near, far = rng.randint(0, 8), rng.randint(IMAGE_SIZE - size - 8, IMAGE_SIZE - size)
-    across = rng.randint(0, IMAGE_SIZE - size)
-    across1, across2 = (min(max(across + rng.randint(-6, 6), 0), IMAGE_SIZE - size) for _ in range(2))
-    first_near = rng.random() < 0.5
-    along1, along2 = (near, far) if first_near else (far, near)
+    first_near, across = rng.random() < 0.5, CELL * rng.randint(0, 2)
+    along1, along2 = (0, 2 * CELL) if first_near else (2 * CELL, 0)
     if rng.random() < 0.5:
-        relation = "left" if first_near else "right"
-        corners = (along1, across1), (along2, across2)
+        relation, corners = ("left" if first_near else "right"), ((along1, across), (along2, across))
     else:
-        relation = "above" if first_near else "below"
-        corners = (across1, along1), (across2, along2)
-    items = [Item(k, c, (x, y, x + size, y + size)) for k, c, (x, y) in zip((kind, kind2), (color, color2), corners)]
+        relation, corners = ("above" if first_near else "below"), ((across, along1), (across, along2))
+    items = [Item(k, c, (x, y, x + 2 * CELL, y + 2 * CELL))
+             for k, c, (x, y) in zip((kind, kind2), (color, color2), corners)]
     return items, relation
 
 
@@ -301,19 +301,13 @@ def scene(items, background=BACKGROUND):
     return image
 
 
-def describe(items, placed=False):
-    """Items in reading order; placed: each with its box, as grounding writes it."""
-    items = sorted(items, key=lambda i: (i.box[1], i.box[0]))
-    if placed:
-        return ", ".join(PHRASES["placed"].format(color=i.color, shape=i.name, box=format_box(normalized_box(i.box)))
-                         for i in items)
-    return ", ".join(PHRASES["item"].format(color=i.color, shape=i.name) for i in items)
-
-
-def describe_pair(items, relation):
-    first, second = items
-    return PHRASES["pair"].format(color=first.color, shape=first.name, relation=RELATIONS[relation][0],
-                                  color2=second.color, shape2=second.name)
+def describe(items):
+    """One thing by colour and name; several, in reading order, each with its box as grounding writes it (one
+    format for every scene on the grid: a format the image does not tell apart would only confuse the model)."""
+    if len(items) == 1:
+        return PHRASES["item"].format(color=items[0].color, shape=items[0].name)
+    return ", ".join(PHRASES["placed"].format(color=i.color, shape=i.name, box=format_box(normalized_box(i.box)))
+                     for i in sorted(items, key=lambda i: (i.box[1], i.box[0])))
 
 
 def normalized_box(box):
@@ -378,16 +372,16 @@ def gen_imagenet(rng):
 
 def gen_gqa(rng):
     """Two shapes and a question about their relation: left/right/above/below, or the shape or colour of one."""
-    items, relation = pair(rng, SHAPES, 20)
+    items, relation = pair(rng, SHAPES)
     first, second = items
     names = dict(color=first.color, shape=first.name, color2=second.color, shape2=second.name,
                  relation=RELATIONS[relation][0])
     kind = rng.choice(("relation", "which_shape", "which_color"))
     if kind == "relation":
         template = "left_right" if relation in ("left", "right") else "above_below"
-        return Sample(scene(items), PHRASES[template].format(**names), relation, items, describe_pair(items, relation))
+        return Sample(scene(items), PHRASES[template].format(**names), relation, items, describe(items))
     answer = first.name if kind == "which_shape" else first.color
-    return Sample(scene(items), PHRASES[kind].format(**names), answer, items, describe_pair(items, relation))
+    return Sample(scene(items), PHRASES[kind].format(**names), answer, items, describe(items))
 
 
 def gen_vizwiz(rng):
@@ -406,19 +400,16 @@ def gen_vizwiz(rng):
 
 
 def gen_grounding(rng):
-    """2-3 shapes on a 16-pixel grid, so that box coordinates are quarters: few enough values for a tiny model to
-    learn to write. The expression names one by colour and shape; each distractor shares one of the two."""
+    """2-3 shapes of 1 or 2 cells; the expression names one by colour and shape, each distractor shares one."""
     color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
     kinds = [(color, shape)]
     while len(kinds) < rng.choice((2, 3)):
         other = ((color, rng.choice(SHAPES)) if rng.random() < 0.5 else (rng.choice(list(COLORS)), shape))
         if other not in kinds:
             kinds.append(other)
-    big = rng.randrange(len(kinds) + 1)          # at most one 32-pixel shape: two never fit apart
-    boxes = place(rng, [32 if i == big else 16 for i in range(len(kinds))], 16)
-    items = [Item(s, c, box) for (c, s), box in zip(kinds, boxes)]
+    items = [Item(s, c, box) for (c, s), box in zip(kinds, place(rng, [rng.choice((1, 2)) for _ in kinds]))]
     return Sample(scene(items), PHRASES["refer"].format(color=color, shape=shape),
-                  format_box(normalized_box(items[0].box)), items, describe(items, placed=True))
+                  format_box(normalized_box(items[0].box)), items, describe(items))
 
 
 def gen_vqav2(rng):
@@ -436,7 +427,7 @@ def gen_vqav2(rng):
         present = rng.random() < 0.5
         names = ([shape] if present else []) + [rng.choice(others) for _ in range(rng.randint(1, 3))]
         answer, variants = ("yes", ("no",)) if present else ("no", ("yes",))
-    items = [Item(name, rng.choice(list(COLORS)), box) for name, box in zip(names, place(rng, [16] * len(names), 8))]
+    items = [Item(name, rng.choice(list(COLORS)), box) for name, box in zip(names, place(rng, [1] * len(names)))]
     if kind == "color_of":
         answer, variants = items[0].color, tuple(c for c in COLORS if c != items[0].color)
     question = PHRASES[kind].format(shape=shape, shapes=PLURALS[shape])
@@ -462,11 +453,11 @@ def gen_ocrvqa(rng):
 
 
 def gen_flickr30k(rng):
-    items, relation = pair(rng, OBJECTS, 24)
+    items, relation = pair(rng, OBJECTS)
     first, second = items
     caption = PHRASES["flickr30k"].format(color=first.color, object=first.name, relation=RELATIONS[relation][1],
                                           color2=second.color, object2=second.name)
-    return Sample(scene(items), TASKS["flickr30k"].question, caption, items, describe_pair(items, relation))
+    return Sample(scene(items), TASKS["flickr30k"].question, caption, items, describe(items))
 
 
 def gen_places365(rng):
@@ -475,8 +466,8 @@ def gen_places365(rng):
     image, draw = canvas()
     paint_pattern(draw, pattern, tuple(255 - (255 - v) // 4 for v in COLORS[back]), COLORS[fore],
                   rng.choice((8, 12, 16)))
-    item = Item(rng.choice(SHAPES), rng.choice(list(COLORS)), random_box(rng, 14, 20))
-    draw.rectangle(tuple(v + d for v, d in zip(item.box, (-2, -2, 1, 1))), fill=BACKGROUND)
+    item = Item(rng.choice(SHAPES), rng.choice(list(COLORS)), random_box(rng, 18, 24))
+    draw.rectangle((item.box[0], item.box[1], item.box[2] - 1, item.box[3] - 1), fill=BACKGROUND)
     draw_item(draw, item)
     return Sample(image, TASKS["places365"].question, pattern, [Item(pattern, fore, (0, 0, IMAGE_SIZE, IMAGE_SIZE)),
                   item], PHRASES["pattern"].format(pattern=pattern, item=describe([item])))
