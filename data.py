@@ -709,6 +709,9 @@ def prompt_text(processor, text):
 # The collator.
 
 def load_image(record):
+    """The record's image: a path to open, or a PIL image already in memory (the caption corpus)."""
+    if isinstance(record["image"], Image.Image):
+        return record["image"].convert("RGB")
     try:
         with Image.open(record["image"]) as image:
             return image.convert("RGB")
