@@ -400,11 +400,11 @@ def gen_vizwiz(rng):
 
 
 def gen_grounding(rng):
-    """2-3 shapes of 1 or 2 cells; the expression names one by colour and shape, each distractor shares one."""
+    """2-3 shapes of 1 or 2 cells, no two of the same colour and shape; the expression names one by both."""
     color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
-    kinds = [(color, shape)]
-    while len(kinds) < rng.choice((2, 3)):
-        other = ((color, rng.choice(SHAPES)) if rng.random() < 0.5 else (rng.choice(list(COLORS)), shape))
+    kinds, n = [(color, shape)], rng.choice((2, 3))
+    while len(kinds) < n:
+        other = (rng.choice(list(COLORS)), rng.choice(SHAPES))
         if other not in kinds:
             kinds.append(other)
     items = [Item(s, c, box) for (c, s), box in zip(kinds, place(rng, [rng.choice((1, 2)) for _ in kinds]))]
