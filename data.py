@@ -619,7 +619,12 @@ def parse_record(task, path, index, record, split, instructions, image_root):
         text = field(record, "text", where)
         if task.answer_kind == "bbox" and "answer_bbox" in record:
             box = record["answer_bbox"]      # CoIN writes the box as a string "[x1, y1, x2, y2]"
-            answer = [float(v) for v in (box.strip("[] ").split(",") if isinstance(box, str) else box)]
+            try:
+                answer = [float(v) for v in (box.strip("[] ").split(",") if isinstance(box, str) else box)]
+            except (TypeError, ValueError):
+                answer = []
+            if len(answer) != 4:
+                raise ValueError(f"{path}: {where}: answer_bbox {box!r} is not a box [x1, y1, x2, y2]")
         else:
             answer = field(record, "answer", where)
             answer = [str(a) for a in answer] if isinstance(answer, list) else str(answer)

@@ -287,13 +287,13 @@ def test_train_labels_cover_exactly_the_answer_and_eos(processor, synthetic):
         assert (ids == processor.image_token_id).sum() == 64
 
 
-def test_a_caption_with_no_instruction_has_an_empty_instruction_mask(processor, synthetic):
-    image = data.load_records(synthetic, "gqa", "train")[0]["image"]
-    record = {"id": "c0", "image": image, "text": "", "instruction": "", "answer": "red circle at 1 2"}
+def test_a_caption_in_memory_with_no_instruction_has_an_empty_instruction_mask(processor):
+    [(image, caption)] = data.caption_corpus(1, seed=0)
+    record = {"id": "c0", "image": image, "text": "", "instruction": "", "answer": caption}
     batch = data.Collator(processor, train=True)([record])
-    assert not batch["ins_mask"].any()
+    assert not batch["ins_mask"].any() and batch["pixel_values"].shape == (1, 3, 64, 64)
     labels = batch["labels"][0]
-    assert processor.tokenizer.decode(labels[labels != -100]) == " red circle at 1 2</s>"
+    assert processor.tokenizer.decode(labels[labels != -100]) == " " + caption + "</s>"
 
 
 def test_eval_inputs_are_the_prompt_alone_left_padded(processor, synthetic):
@@ -383,6 +383,9 @@ def test_bad_input_gives_a_one_line_error(tmp_path, processor):
     write(f"{root}/gqa/test.json", [{"question_id": 4, "image": "bad.png", "text": "q\nAnswer.", "answer": "a"}])
     records = data.load_records(root, "gqa", "test")
     one_line_error(lambda: data.Collator(processor, train=False)(records), r"record 4: cannot decode image .*bad\.png")
+    write(f"{root}/grounding/test.json", [{"question_id": 5, "image": "ok.png", "text": "q", "answer_bbox": "[0.1, x]"}])
+    one_line_error(lambda: data.load_records(root, "grounding", "test"),
+                   r"record 0 \(id 5\): answer_bbox '\[0.1, x\]' is not a box \[x1, y1, x2, y2\]")
     one_line_error(lambda: data.load_records(root, "cifar", "train"),
                    "unknown task 'cifar'; known tasks: scienceqa, textvqa, imagenet, gqa, vizwiz, grounding, vqav2, "
                    "ocrvqa, flickr30k, places365, textcaps")
