@@ -311,7 +311,7 @@ def load_adapter_state_dict(model, state):
 
 CACHE = Path(os.environ.get("SMOLORA_CACHE", Path.home() / ".cache" / "smolora"))
 TINY_MODEL = "tiny-llava-v1"       # bump when the recipe below changes, so old caches are not reused
-PRETRAIN = dict(steps=600, batch_size=32, lr=2e-3, corpus=6000)
+PRETRAIN = dict(steps=800, batch_size=32, lr=2e-3)
 
 
 def build_tiny_model(processor):
@@ -330,22 +330,21 @@ def build_tiny_model(processor):
 
 
 def pretrain_tiny_model(path, seed=0, progress=True):
-    """Build the tiny model and train all its weights to caption synthetic scenes; save it to `path`."""
+    """Build the tiny model and train all its weights to caption synthetic scenes; save it to `path`.
+    Every batch is a fresh draw of scenes, so the model learns to read and locate rather than memorise."""
     torch.manual_seed(seed)
     processor = data.build_processor()
     model = build_tiny_model(processor)
-    corpus = data.caption_corpus(PRETRAIN["corpus"], seed)
-    records = [{"id": str(i), "image": image, "text": "", "instruction": "", "answer": caption}
-               for i, (image, caption) in enumerate(corpus)]
-    batches = batch_order(len(records), PRETRAIN["batch_size"], PRETRAIN["steps"], seed)
     collate = data.Collator(processor, train=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.0)
     schedule = cosine_with_warmup(optimizer, PRETRAIN["steps"])
     model.train()
-    bar = tqdm(batches, desc="pretraining the tiny base model", disable=not progress)
-    for indices in bar:
-        loss = train_step(model, collate([records[i] for i in indices]), optimizer, schedule)
-        bar.set_postfix(loss=f"{loss:.3f}")
+    bar = tqdm(range(PRETRAIN["steps"]), desc="pretraining the tiny base model on captions", disable=not progress)
+    for step in bar:
+        scenes = data.caption_corpus(PRETRAIN["batch_size"], f"{seed}/{step}")
+        batch = collate([{"id": str(i), "image": image, "text": "", "instruction": "", "answer": caption}
+                         for i, (image, caption) in enumerate(scenes)])
+        bar.set_postfix(loss=f"{train_step(model, batch, optimizer, schedule):.3f}")
     save_checkpoint(model.eval(), processor, path)
     return path
 
