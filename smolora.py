@@ -545,7 +545,9 @@ def run(cfg, progress=True):
                "matrix": [[None] * T for _ in range(T + 1)], "mif": [[None] * T for _ in range(T + 1)],
                "seconds": None}
     previous = out / "results.json"
-    earlier_seconds = json.loads(previous.read_text()).get("seconds") or 0 if cfg["resume"] and previous.exists() else 0
+    earlier_seconds = 0       # a resumed run's time so far
+    if cfg["resume"] and previous.exists():
+        earlier_seconds = json.loads(previous.read_text()).get("seconds") or 0
 
     def evaluate_row(stage):
         for i, task in enumerate(tasks):
