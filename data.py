@@ -225,8 +225,8 @@ def draw_item(draw, item):
 
 def draw_word(draw, word, x, y, size, fill):
     """Write word from (x, y), a patch corner, one letter centred in each 16-pixel cell; return the word's box.
-    Aligned so, a letter always covers the same 2x2 patches: the tiny model then reads 88% of fresh words after
-    600 pretraining steps, against 6% for the same words placed freely (measured while designing this)."""
+    Aligned so, a letter always covers the same 2x2 patches: trained on signs alone for 600 steps, the tiny model
+    reads 88% of fresh words, against 6% for the same words placed freely (measured while designing this)."""
     for k, letter in enumerate(word):
         left, top, right, bottom = draw.textbbox((0, 0), letter, font=font(size))
         draw.text((x + 16 * k + (16 - right - left) / 2, y + (16 - bottom - top) / 2), letter, font=font(size),
@@ -334,8 +334,8 @@ def human_answers(rng, answer, variants):
 # answer format per task (letter, word, box, sentence), so that instruction-following forgetting can show.
 
 def gen_scienceqa(rng):
-    """Multiple choice about a single shape: the right option and 2 others, listed in a fixed order (shuffled
-    options stay at chance for the tiny model in 125 steps; in this order it reaches 69%, measured)."""
+    """Multiple choice about a single shape: the right option and 2 others, listed in a fixed order (shuffled,
+    the tiny model stays at chance after 125 steps; in this order it reaches about 70%, measured)."""
     item = Item(rng.choice(SHAPES), rng.choice(list(COLORS)), random_box(rng, 28, 40))
     question, truth, pool = ((PHRASES["sqa_shape"], item.name, SHAPES) if rng.random() < 0.5
                              else (PHRASES["sqa_color"], item.color, tuple(COLORS)))
@@ -487,7 +487,7 @@ GENERATORS = {"scienceqa": gen_scienceqa, "textvqa": gen_textvqa, "imagenet": ge
 # ----------------------------------------------------------------------------------------------
 # Writing a task to disk in the CoIN format (DESIGN.md section 4), and the captioning corpus.
 
-SYNTHETIC_VERSION = 1      # bump when a generator changes, so data written by the old one is made again
+SYNTHETIC_VERSION = 2      # bump when a generator changes, so data written by the old one is made again
 
 def make_synthetic(root, tasks, n_train=1000, n_test=200, seed=0, progress=True):
     """Write <root>/<task>/train.json, test.json and images/ for each task not already there.
