@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import random
 import re
 import shutil
 import sys
@@ -310,16 +311,16 @@ def load_adapter_state_dict(model, state):
 #    paper's base) and saved as an ordinary checkpoint folder in the cache, once.
 
 CACHE = Path(os.environ.get("SMOLORA_CACHE", Path.home() / ".cache" / "smolora"))
-TINY_MODEL = "tiny-llava-v1"       # bump when the recipe below changes, so old caches are not reused
-PRETRAIN = dict(steps=800, batch_size=32, lr=2e-3)
+TINY_MODEL = "tiny-llava-v2"       # bump when the recipe below changes, so old caches are not reused
+PRETRAIN = dict(steps=1000, batch_size=32, lr=1e-3, pool=8)
 
 
 def build_tiny_model(processor):
-    """A 1M-parameter LlavaForConditionalGeneration: CLIP 3 layers x 128 on 64x64 images in patches of 8
-    (64 image tokens), a Llama of 2 layers x 128, the tokenizer's vocabulary (DESIGN.md section 9)."""
+    """A 1M-parameter LlavaForConditionalGeneration: CLIP 3 layers x 128 on 64x64 images in patches of 16
+    (16 image tokens), a Llama of 2 layers x 128, the tokenizer's vocabulary (DESIGN.md section 9)."""
     tokenizer = processor.tokenizer
     vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=data.IMAGE_SIZE, patch_size=8)
+                              image_size=data.IMAGE_SIZE, patch_size=data.PATCH)
     text = LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=512,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -341,12 +342,21 @@ def pretrain_tiny_model(path, seed=0, progress=True):
     model.train()
     bar = tqdm(range(PRETRAIN["steps"]), desc="pretraining the tiny base model on captions", disable=not progress)
     for step in bar:
-        scenes = data.caption_corpus(PRETRAIN["batch_size"], f"{seed}/{step}")
-        batch = collate([{"id": str(i), "image": image, "text": "", "instruction": "", "answer": caption}
-                         for i, (image, caption) in enumerate(scenes)])
+        if step % PRETRAIN["pool"] == 0:
+            batches = caption_batches(PRETRAIN["batch_size"], PRETRAIN["pool"], f"{seed}/{step}")
+        batch = collate(batches[step % PRETRAIN["pool"]])
         bar.set_postfix(loss=f"{train_step(model, batch, optimizer, schedule):.3f}")
     save_checkpoint(model.eval(), processor, path)
     return path
+
+
+def caption_batches(batch_size, count, seed):
+    """`count` batches of fresh scenes, grouped by length and shuffled: captions run from 2 to 150 tokens, and
+    a batch pads to its longest, so grouping halves the cost of a step."""
+    records = sorted(data.caption_corpus(batch_size * count, seed), key=lambda r: len(r["text"] + r["answer"]))
+    batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
+    random.Random(seed).shuffle(batches)
+    return batches
 
 
 def save_checkpoint(model, processor, path):
@@ -423,7 +433,7 @@ CHECKPOINT_SECONDS = 300                     # a mid-stage checkpoint at most th
 # Adapter and training defaults: the papers' for a real checkpoint; for the tiny model a rank and learning
 # rate in proportion to its width (128 against 4096) and epochs enough for it to learn a task.
 PAPER_DEFAULTS = dict(r=128, alpha=256, experts=8, lr=1e-4, batch_size=8, epochs=1)
-TINY_DEFAULTS = dict(r=32, alpha=64, experts=8, lr=2e-3, batch_size=32, epochs=4)
+TINY_DEFAULTS = dict(r=32, alpha=64, experts=8, lr=5e-3, batch_size=32, epochs=8)
 PROJECTOR_LR_FACTOR = 0.2                    # SMoLoRA's projector adapters: 2e-5 against 1e-4 (DESIGN.md 2.3)
 # what must agree for --resume to continue a run, or for a rerun to replace it
 RUN_IDENTITY = ("method", "tasks", "model", "data", "seed", "epochs", "lr", "batch_size", "r", "alpha",

@@ -221,12 +221,16 @@ def test_other_answers_agree_with_their_scene():
 def test_caption_corpus_is_deterministic_and_plain():
     corpus = data.caption_corpus(30, seed=3)
     again = data.caption_corpus(30, seed=3)
-    assert [(i.tobytes(), t) for i, t in corpus] == [(i.tobytes(), t) for i, t in again]
-    assert [t for _, t in corpus] != [t for _, t in data.caption_corpus(30, seed=4)]
-    for image, text in corpus:
-        assert image.size == (64, 64) and image.mode == "RGB"
-        assert not any(t.instruction in text or t.question and t.question in text for t in data.TASKS.values())
-    assert any(" sign " in t for _, t in corpus) and any(" book " in t for _, t in corpus)
+    assert [(r["image"].tobytes(), r["text"], r["answer"]) for r in corpus] == \
+        [(r["image"].tobytes(), r["text"], r["answer"]) for r in again]
+    assert [r["answer"] for r in corpus] != [r["answer"] for r in data.caption_corpus(30, seed=4)]
+    questions = {t.question for t in data.TASKS.values()}
+    for r in corpus:
+        assert r["image"].size == (64, 64) and r["image"].mode == "RGB" and r["instruction"] == ""
+        assert not any(t.instruction in r["text"] + r["answer"] for t in data.TASKS.values())
+        assert not any(q and q in r["answer"] for q in questions)
+    assert 5 <= sum(bool(r["text"]) for r in corpus) <= 25       # about half come after the scene's question
+    assert any(" sign " in r["answer"] for r in corpus) and any(" book " in r["answer"] for r in corpus)
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer, processor
@@ -263,8 +267,8 @@ def test_processor_saves_and_reloads_without_warnings(processor, tmp_path, capfd
     image = Image.new("RGB", (64, 64), (255, 0, 0))
     a, b = (p(images=[image], text=[prompt], return_tensors="pt") for p in (processor, reloaded))
     assert a["input_ids"].tolist() == b["input_ids"].tolist()
-    assert (a["input_ids"] == reloaded.image_token_id).sum() == 64 and b["pixel_values"].shape == (1, 3, 64, 64)
-    assert reloaded.tokenizer.decode(b["input_ids"][0]) == "<s>" + prompt.replace("<image>", "<image>" * 64)
+    assert (a["input_ids"] == reloaded.image_token_id).sum() == 16 and b["pixel_values"].shape == (1, 3, 64, 64)
+    assert reloaded.tokenizer.decode(b["input_ids"][0]) == "<s>" + prompt.replace("<image>", "<image>" * 16)
 
 
 # ---------------------------------------------------------------------------------------------- collator
@@ -284,12 +288,12 @@ def test_train_labels_cover_exactly_the_answer_and_eos(processor, synthetic):
         assert labels[length - len(answer):length].tolist() == answer
         assert (labels[:length - len(answer)] == -100).all() and (labels[length:] == -100).all()
         assert tokenizer.decode(ids[batch["ins_mask"][b]]) == record["instruction"]
-        assert (ids == processor.image_token_id).sum() == 64
+        assert (ids == processor.image_token_id).sum() == 16
 
 
 def test_a_caption_in_memory_with_no_instruction_has_an_empty_instruction_mask(processor):
-    [(image, caption)] = data.caption_corpus(1, seed=0)
-    record = {"id": "c0", "image": image, "text": "", "instruction": "", "answer": caption}
+    [record] = data.caption_corpus(1, seed=0)
+    record["text"], caption = "", record["answer"]
     batch = data.Collator(processor, train=True)([record])
     assert not batch["ins_mask"].any() and batch["pixel_values"].shape == (1, 3, 64, 64)
     labels = batch["labels"][0]
@@ -305,17 +309,17 @@ def test_eval_inputs_are_the_prompt_alone_left_padded(processor, synthetic):
         mask = batch["attention_mask"][b]
         start = len(mask) - int(mask.sum())
         assert not mask[:start].any() and mask[start:].all()                                # left padding
-        prompt = "USER: " + "<image>" * 64 + "\n" + record["text"] + " ASSISTANT:"
+        prompt = "USER: " + "<image>" * 16 + "\n" + record["text"] + " ASSISTANT:"
         assert tokenizer.decode(batch["input_ids"][b][start:]) == "<s>" + prompt
         assert tokenizer.decode(batch["input_ids"][b][batch["ins_mask"][b]]) == record["instruction"]
 
 
 def test_max_length_cuts_training_and_refuses_a_long_prompt(processor, synthetic):
     records = data.load_records(synthetic, "scienceqa", "train")[:2]
-    batch = data.Collator(processor, train=True, max_length=90)(records)
-    assert batch["input_ids"].shape[1] == 90
-    with pytest.raises(ValueError, match="longer than max_length=90"):
-        data.Collator(processor, train=False, max_length=90)(records)
+    batch = data.Collator(processor, train=True, max_length=40)(records)
+    assert batch["input_ids"].shape[1] == 40
+    with pytest.raises(ValueError, match="longer than max_length=40"):
+        data.Collator(processor, train=False, max_length=40)(records)
 
 
 # ---------------------------------------------------------------------------------------------- real CoIN layout

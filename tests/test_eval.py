@@ -335,7 +335,7 @@ def tiny(tmp_path_factory):
     processor = data.build_processor()
     tok = processor.tokenizer
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=data.IMAGE_SIZE, patch_size=8)
+                              image_size=data.IMAGE_SIZE, patch_size=data.PATCH)
     text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
