@@ -437,7 +437,9 @@ def _cell(value):
 
 def _markdown(results):
     tasks = results["tasks"]
-    lines = [f"# {results['method']}: {' -> '.join(tasks)}", ""] + ([results["notes"], ""] if results.get("notes") else [])
+    lines = [f"# {results['method']}: {' -> '.join(tasks)}", ""]
+    if results.get("notes"):
+        lines += [results["notes"], ""]
     tables = [("Score (%; CIDEr x100 for captions)", tasks, results["matrix"]),
               ("Instruction following (MIF, % of answers in the asked format)", tasks, results["mif"])]
     if results.get("unseen"):
@@ -704,9 +706,9 @@ def _comparison_png(runs):
             for (value, colour), a, b in zip(bar, end, end[1:]):
                 if value is not None:
                     draw.rectangle((min(x(a), x(b)), y, max(x(a), x(b)), y + bar_h - 8), fill=colour)
-            missing = all(v is None for v, _ in bar)
-            draw.text((x(end[-1]) + (-3 if end[-1] < 0 else 3), y + (bar_h - 8) / 2),
-                      "-" if missing else f"{end[-1]:.1f}", fill="black", font=font, anchor="rm" if end[-1] < 0 else "lm")
+            label = "-" if all(v is None for v, _ in bar) else f"{end[-1]:.1f}"
+            draw.text((x(end[-1]) + (-3 if end[-1] < 0 else 3), y + (bar_h - 8) / 2), label, fill="black", font=font,
+                      anchor="rm" if end[-1] < 0 else "lm")
     legend = (("format broke", BROKE), ("format held", HELD))
     left = width - pad - sum(font.getlength(name) + 30 for name, _ in legend)
     for name, colour in legend:

@@ -474,7 +474,7 @@ METHODS = {
     "smolora": ("smolora", "SMoLoRA: separable visual / instruction expert pools, routed per sample"),
 }
 REPLAY_RATIO = 0.1     # replay: each later task's records get 10% more from the earlier tasks' memories (ours)
-EWC_LAMBDA = 1000.0    # ewc: the penalty's weight (ours; see EWC_SAMPLES)
+EWC_LAMBDA = 5000.0    # ewc (ours): about the loss's size once the next task moves the adapters as SeqLoRA does
 EWC_SAMPLES = 64       # ewc: training samples of a task its Fisher is averaged over (ours: a sample, not all)
 OLORA_LAMBDA = 0.5     # olora: the orthogonality loss's weight (the official code's lamda_1; its L2 term, 0, left out)
 
@@ -670,6 +670,7 @@ def run(cfg, progress=True):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # what each stage tunes on: zeroshot none, multitask all tasks at once, the others one task after another
     stages = {"zeroshot": [], "multitask": ["all tasks mixed"]}.get(method, tasks)
+
     def empty(columns):
         return {"tasks": list(columns), "matrix": [[None] * len(columns) for _ in range(len(stages) + 1)],
                 "mif": [[None] * len(columns) for _ in range(len(stages) + 1)]}
@@ -789,9 +790,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def make_config(args, method, compare_out=None):
-    """A run's configuration: flags given, else the defaults for a real checkpoint or the tiny model. Runs of a
-    comparison go into compare_out/<method>."""
+def make_config(args, method=None, compare_out=None):
+    """The configuration of a run of `method` (default --method, one): flags given, else the defaults for a real
+    checkpoint or the tiny model. The runs of a comparison go into compare_out/<method>."""
+    method = method or args.method
+    if method not in METHODS:
+        raise ValueError(f"--method {method!r} is not allowed here: choose one of {', '.join(METHODS)}")
     tasks = parse_tasks(args.tasks)
     unseen = parse_tasks(args.unseen, "--unseen") if args.unseen else []
     if set(unseen) & set(tasks):

@@ -61,7 +61,7 @@ def test_each_method_runs_end_to_end(micro, method):
 
 @pytest.mark.parametrize("method", ["replay", "ewc", "dirlora"])
 def test_what_a_method_adds_to_seqlora_acts_from_the_second_task(micro, method):
-    """Same init, data and seed: stage 1 is SeqLoRA's exactly (no memory, no penalty, the first LoRA); stage 2 is not."""
+    """Same init, data and seed: stage 1 is SeqLoRA's exactly (no memory, no penalty, the first LoRA), stage 2 not."""
     def adapters(run, stage):
         return smolora.safetensors.torch.load_file(micro / "compare" / run / "adapters" / f"stage{stage}.safetensors")
     first, second = adapters(method, 1), adapters(method, 2)
@@ -145,9 +145,8 @@ def test_replay_memory_holds_only_earlier_tasks_at_the_configured_share():
     assert sum(r in memories["a"] for r in replayed) == 2 and sum(r in memories["b"] for r in replayed) == 2
     assert smolora.replay_mix(train, tasks, 3, 0.1, seed=0) == mix                  # the same draws on resume
     # more wanted than a memory holds: only the memory is replayed (0.5 * 30 = 15 wanted, 10 kept of a)
-    mix = smolora.replay_mix(train, tasks, 2, 0.5, seed=0)
-    assert len(mix) == 40 and sorted(r["id"] for r in mix[30:]) == sorted(r["id"] for r in
-                                                                          smolora.replay_memory(train["a"], "a", 0.5, 0))
+    mix, memory = smolora.replay_mix(train, tasks, 2, 0.5, seed=0), smolora.replay_memory(train["a"], "a", 0.5, 0)
+    assert len(mix) == 40 and sorted(r["id"] for r in mix[30:]) == sorted(r["id"] for r in memory)
 
 
 def test_ewc_penalty_is_zero_at_the_anchor_and_grows_away():
@@ -230,7 +229,8 @@ def test_dual_forgetting_by_hand():
 def test_bad_method_flags_exit_with_status_2(micro, tmp_path, capsys):
     for extra, message in [(["--method", "lora,lora"], "'lora,lora'"), (["--method", "lora,dora"], "'lora,dora'"),
                            (["--unseen", "grounding"], "--unseen 'grounding'"),
-                           (["--replay-ratio", "1.5"], "--replay-ratio 1.5"), (["--ewc-lambda", "0"], "--ewc-lambda 0")]:
+                           (["--replay-ratio", "1.5"], "--replay-ratio 1.5"),
+                           (["--ewc-lambda", "0"], "--ewc-lambda 0")]:
         with pytest.raises(SystemExit) as exit_:
             smolora.main(run_args(micro, tmp_path, "lora") + extra)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
