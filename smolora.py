@@ -82,25 +82,26 @@ class OLoRALinear(LoRALinear):
         h      = W0 x + sum_{j<t} s B_j A_j x + s B_t A_t x
         L_orth = sum_{j<t} sum |A_j A_t^T|       (the official code's L1; the paper writes the squared norm)
 
-    The frozen LoRAs are kept as their sum (one out x in weight) and their A's stacked in a buffer sized for all
-    the run's tasks (zeros for the tasks to come), so the adapter's state has one shape for the whole run.
+    The frozen LoRAs are stacked in buffers sized for all the run's tasks (zeros for the tasks to come), so the
+    adapter's state has one shape for the whole run.
     """
 
     def __init__(self, base: nn.Linear, r=8, alpha=16, dropout=0.0, num_tasks=1):
         super().__init__(base, r, alpha, dropout)
         kw = dict(device=base.weight.device, dtype=torch.float32)
         self.register_buffer("past_A", torch.zeros(num_tasks * r, base.in_features, **kw))   # [A_1; ..; A_t-1; 0]
-        self.register_buffer("past_delta", torch.zeros(base.out_features, base.in_features, **kw))  # sum s B_j A_j
+        self.register_buffer("past_B", torch.zeros(base.out_features, num_tasks * r, **kw))  # [B_1 .. B_t-1 0]
 
     def forward(self, x):
-        h = super().forward(x)                                          # W0 x + s B_t A_t x
-        return h + (x.to(self.past_delta.dtype) @ self.past_delta.T).to(h.dtype)   # + sum_{j<t} s B_j A_j x
+        h = super().forward(x)                                             # W0 x + s B_t A_t x
+        z = self.dropout(x.to(self.past_A.dtype)) @ self.past_A.T           # A_j x, all j < t
+        return h + (self.scaling * z @ self.past_B.T).to(h.dtype)          # + sum_{j<t} s B_j A_j x
 
     @torch.no_grad()
     def start_new_lora(self, done):
         """Freeze the LoRA just tuned as task `done`'s (1-based) and start a fresh one for the next task."""
-        self.past_A[(done - 1) * self.r:done * self.r] = self.lora_A
-        self.past_delta += self.delta_weight()
+        rows = slice((done - 1) * self.r, done * self.r)
+        self.past_A[rows], self.past_B[:, rows] = self.lora_A, self.lora_B
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_B.zero_()
 
