@@ -2,8 +2,9 @@
 
 Read top to bottom: answer normalisation and the scorers of DESIGN.md section 5, `score` / `task_score`,
 the instruction-following check behind MIF, the continual metrics of section 6, batched greedy generation,
-and the report a person reads (results.json, matrix.md, matrix.png). `python eval.py RUN_DIR` re-scores a
-run's saved predictions and rewrites its report, so a scorer fix never needs retraining.
+the report a person reads (results.json, matrix.md, matrix.png, with the dual-forgetting split), and the
+comparison of methods (compare.md, compare.png). `python eval.py RUN_DIR` re-scores a run's saved predictions
+and rewrites its report, so a scorer fix never needs retraining.
 
 The official code's quirks (DESIGN.md section 5) are not copied: an empty prediction is wrong everywhere,
 no digit of a box is dropped, and matching is never case-sensitive.
