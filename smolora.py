@@ -791,12 +791,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def make_config(args, method=None, compare_out=None):
-    """The configuration of a run of `method` (default --method, one): flags given, else the defaults for a real
-    checkpoint or the tiny model. The runs of a comparison go into compare_out/<method>."""
-    method = method or args.method
-    if method not in METHODS:
-        raise ValueError(f"--method {method!r} is not allowed here: choose one of {', '.join(METHODS)}")
+def make_config(args, method=None):
+    """The configuration of the run of `method`, one of --method (default the first): flags given, else the
+    defaults for a real checkpoint or the tiny model. With several methods, each runs in <out>/<method>."""
+    methods = parse_methods(args.method)
+    method = method or methods[0]
     tasks = parse_tasks(args.tasks)
     unseen = parse_tasks(args.unseen, "--unseen") if args.unseen else []
     if set(unseen) & set(tasks):
@@ -813,7 +812,9 @@ def make_config(args, method=None, compare_out=None):
             raise ValueError(f"--{name.replace('_', '-')} {value} is not allowed: it must be positive")
     if args.replay_ratio > 1:
         raise ValueError(f"--replay-ratio {args.replay_ratio} is not allowed: it must be in (0, 1]")
-    out = Path(compare_out) / method if compare_out else args.out or f"runs/{method}-{'-'.join(tasks)}"
+    out = args.out or f"runs/{method}-{'-'.join(tasks)}"
+    if len(methods) > 1:
+        out = Path(args.out or f"runs/compare-{'-'.join(tasks)}") / method
     return {"method": method, "tasks": tasks, "model": args.model,
             "data": str(Path(args.data).resolve()) if args.data else None,
             "out": str(out), "resume": args.resume, "cache": args.cache,
@@ -828,11 +829,7 @@ def make_config(args, method=None, compare_out=None):
 def main(argv=None):
     try:
         args = parse_args(argv)
-        methods = parse_methods(args.method)
-        compare_out = None
-        if len(methods) > 1:
-            compare_out = Path(args.out or f"runs/compare-{'-'.join(parse_tasks(args.tasks))}")
-        configs = [make_config(args, method, compare_out) for method in methods]   # all checked before any runs
+        configs = [make_config(args, method) for method in parse_methods(args.method)]   # all checked first
         runs = []
         for cfg in configs:
             print("configuration: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
@@ -840,9 +837,10 @@ def main(argv=None):
             print(f"{cfg['method']} done in {runs[-1]['seconds']:.0f} s: " + ", ".join(
                 f"{k} {v:.1f}" for k, v in runs[-1]["metrics"].items() if v is not None) +
                 f"; report in {cfg['out']}/matrix.md")
-        if compare_out:
-            eval.write_comparison(compare_out, runs)
-            print(f"comparison of {', '.join(methods)} in {compare_out}/compare.md and compare.png")
+        if len(configs) > 1:
+            folder = Path(configs[0]["out"]).parent
+            eval.write_comparison(folder, runs)
+            print(f"comparison of {', '.join(r['method'] for r in runs)} in {folder}/compare.md and compare.png")
     except ValueError as e:   # bad input, a NaN loss: one line, exit status 2, nothing saved is lost
         print(f"smolora.py: error: {e}", file=sys.stderr)
         sys.exit(2)

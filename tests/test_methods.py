@@ -235,3 +235,15 @@ def test_bad_method_flags_exit_with_status_2(micro, tmp_path, capsys):
             smolora.main(run_args(micro, tmp_path, "lora") + extra)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_config_of_a_comparison_names_only_each_methods_own_knobs():
+    args = smolora.parse_args(["--tasks", "scienceqa,gqa", "--method", "lora,replay,ewc", "--out", "cmp",
+                               "--replay-ratio", "0.2"])
+    lora, replay, ewc = (smolora.make_config(args, m) for m in ("lora", "replay", "ewc"))
+    assert smolora.make_config(args) == lora                                       # the first method by default
+    assert [c["out"] for c in (lora, replay, ewc)] == ["cmp/lora", "cmp/replay", "cmp/ewc"]
+    assert (lora["replay_ratio"], replay["replay_ratio"], ewc["replay_ratio"]) == (None, 0.2, None)
+    assert (lora["ewc_lambda"], ewc["ewc_lambda"]) == (None, smolora.EWC_LAMBDA)
+    single = smolora.make_config(smolora.parse_args(["--tasks", "scienceqa,gqa", "--method", "olora"]))
+    assert single["out"] == "runs/olora-scienceqa-gqa" and single["olora_lambda"] == smolora.OLORA_LAMBDA
