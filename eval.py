@@ -2,8 +2,9 @@
 
 Read top to bottom: answer normalisation and the scorers of DESIGN.md section 5, `score` / `task_score`,
 the instruction-following check behind MIF, the continual metrics of section 6, batched greedy generation,
-and the report a person reads (results.json, matrix.md, matrix.png). `python eval.py RUN_DIR` re-scores a
-run's saved predictions and rewrites its report, so a scorer fix never needs retraining.
+the report a person reads (results.json, matrix.md, matrix.png, with the dual-forgetting split), and the
+comparison of methods (compare.md, compare.png). `python eval.py RUN_DIR` re-scores a run's saved predictions
+and rewrites its report, so a scorer fix never needs retraining.
 
 The official code's quirks (DESIGN.md section 5) are not copied: an empty prediction is wrong everywhere,
 no digit of a box is dropped, and matching is never case-sensitive.
@@ -399,10 +400,19 @@ def load_predictions(path):
 METRICS = ("AP", "MFT", "MAP", "BWT", "forgetting", "FWT", "MIF")
 
 
-def run_metrics(matrix, mif):
+def run_metrics(matrix, mif, stages=None):
     """The metrics of a run's matrices (row 0 zero-shot, row t after stage t), all None until the run is
-    complete: every task evaluated after each stage up to it, and MIF after the last stage."""
+    complete: every task evaluated after each stage up to it, and MIF after the last stage.
+
+    stages: how many training stages the run has (None: one per task, the continual setting). A run of 0 stages
+    (zero-shot) or 1 over all tasks (multitask) has nothing to forget: only AP and MIF of its last row.
+    """
     T = len(matrix[0])
+    if stages is not None and stages != T:
+        metrics = dict.fromkeys(METRICS)
+        if len(matrix) > stages and None not in matrix[stages] and None not in mif[stages]:
+            metrics["AP"], metrics["MIF"] = sum(matrix[stages]) / T, sum(mif[stages]) / T
+        return metrics
     rows = matrix[1:]
     if len(rows) < T or any(rows[t][i] is None for t in range(T) for i in range(t + 1)):
         return dict.fromkeys(METRICS)
@@ -413,25 +423,48 @@ def run_metrics(matrix, mif):
     return metrics
 
 
-def _row_names(tasks, n_rows):
-    return ["zero-shot"] + [f"after {t}" for t in tasks][:n_rows - 1]
+def _stages(results):
+    """What each training stage tuned on: one task per stage unless results says otherwise."""
+    return results.get("stages", results["tasks"])
+
+
+def _row_names(results):
+    return ["zero-shot"] + [f"after {stage}" for stage in _stages(results)]
+
+
+def _cell(value):
+    return "–" if value is None else f"{value:.2f}"
 
 
 def _markdown(results):
     tasks = results["tasks"]
     lines = [f"# {results['method']}: {' -> '.join(tasks)}", ""]
-    tables = (("Score (%; CIDEr x100 for captions)", results["matrix"]),
-              ("Instruction following (MIF, % of answers in the asked format)", results["mif"]))
-    for title, matrix in tables:
-        lines += [f"## {title}", "", "| | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
-        for name, row in zip(_row_names(tasks, len(matrix)), matrix):
-            lines.append(f"| {name} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in row) + " |")
+    if results.get("notes"):
+        lines += [results["notes"], ""]
+    tables = [("Score (%; CIDEr x100 for captions)", tasks, results["matrix"]),
+              ("Instruction following (MIF, % of answers in the asked format)", tasks, results["mif"])]
+    if results.get("unseen"):
+        unseen = results["unseen"]
+        tables += [("Unseen tasks, never trained (zero-shot transfer; not in AP): score", unseen["tasks"],
+                    unseen["matrix"]), ("Unseen tasks: instruction following", unseen["tasks"], unseen["mif"])]
+    for title, columns, matrix in tables:
+        lines += [f"## {title}", "", "| | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+        for name, row in zip(_row_names(results), matrix):
+            lines.append(f"| {name} | " + " | ".join(_cell(v) for v in row) + " |")
         lines.append("")
     metrics = results["metrics"]
     lines += ["## Metrics", "", "| " + " | ".join(METRICS) + " |", "|" + "---:|" * len(METRICS),
-              "| " + " | ".join("–" if metrics[k] is None else f"{metrics[k]:.2f}" for k in METRICS) + " |", "",
+              "| " + " | ".join(_cell(metrics[k]) for k in METRICS) + " |", "",
               "– : not evaluated, or the run is incomplete (metrics need every stage). "
               "BWT and forgetting divide by T-1 (CoIN's tables by T).", ""]
+    if results.get("dual_forgetting"):
+        lines += ["## Dual forgetting: each earlier task's drop from right after learning it to the end", "",
+                  "| task | drop | format broke | format held, answer wrong |", "|---|---:|---:|---:|"]
+        lines += [f"| {task} | {_cell(d['drop'])} | {_cell(d['format_broke'])} | {_cell(d['format_held'])} |"
+                  for task, d in results["dual_forgetting"].items()]
+        lines += ["", "Points of score lost on the samples whose final answer fails the task's format "
+                  "(instruction-following forgetting) and on those that keep it (the skill forgotten); "
+                  "negative: gained. Caption tasks split the per-sample CIDEr-D, not the corpus one.", ""]
     if results.get("seconds") is not None:
         lines.append(f"Run time: {results['seconds']:.0f} s")
     return "\n".join(lines) + "\n"
@@ -452,10 +485,11 @@ def _heatmap_png(results):
     """Both matrices as heatmaps, one above the other, with a shared colour scale on the right."""
     font = ImageFont.load_default(size=14)
     tasks, matrices = results["tasks"], (("score", results["matrix"]), ("instruction following (MIF)", results["mif"]))
-    label_w = max(font.getlength(n) for n in _row_names(tasks, len(tasks) + 1)) + 16
+    names = _row_names(results)
+    label_w = max(font.getlength(n) for n in names) + 16
     cell_w, cell_h, pad = max(72, max(font.getlength(t) for t in tasks) + 14), 30, 12
     grid_w = cell_w * len(tasks)
-    panel_h = 2 * cell_h + cell_h * (len(tasks) + 1)  # title, task names, zero-shot + T stages
+    panel_h = 2 * cell_h + cell_h * len(names)  # title, task names, zero-shot + the stages
     width, height = int(pad + label_w + grid_w + 110), int(pad + 2 * (panel_h + pad))
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
@@ -465,7 +499,6 @@ def _heatmap_png(results):
         draw.text((left, top + 6), f"{results['method']}: {title}", fill="black", font=font)
         for i, task in enumerate(tasks):
             draw.text((left + i * cell_w + cell_w / 2, top + 1.5 * cell_h), task, fill="black", font=font, anchor="mm")
-        names = _row_names(tasks, len(tasks) + 1)
         for t, name in enumerate(names):
             y = top + (2 + t) * cell_h
             draw.text((left - 8, y + cell_h / 2), name, fill="black", font=font, anchor="rm")
@@ -490,28 +523,73 @@ def _heatmap_png(results):
     return buffer.getvalue()
 
 
-def write_report(run_dir, results):
-    """Write results.json (DESIGN.md section 8), matrix.md and matrix.png into run_dir, each atomically.
+def dual_forgetting(task, before, after):
+    """The drop of a task's score from `before` (its predictions right after it was learned) to `after` (after the
+    last stage), split by the final answer's format: CoIN's dual forgetting (DESIGN.md section 1), in points.
 
-    results: {"method", "tasks", "config", "matrix", "mif", "seconds"}; matrix and mif have row 0 zero-shot and
-    row t after stage t, one column per task; rows not run yet may be left out and cells not evaluated be None.
-    "metrics" is (re)computed here, by run_metrics.
+        drop         = (100/n) sum_s (score_before(s) - score_after(s))
+        format_broke = the same sum over the samples whose final answer fails follows_instruction
+        format_held  = over those whose final answer keeps the format: the content is what was forgotten
+    so drop = format_broke + format_held, and for all but caption tasks drop = A[i][i] - A[T][i]. Samples are
+    paired by question_id; `score` per sample (for captions the pair CIDEr-D, not the corpus one).
     """
-    tasks = results["tasks"]
-    for name in ("matrix", "mif"):
-        _check_matrix(results[name], name)
-        if len(results[name][0]) != len(tasks) or len(results[name]) > len(tasks) + 1:
-            raise ValueError(f"{name} is {len(results[name])}x{len(results[name][0])}; expected at most "
-                             f"{len(tasks) + 1} rows (zero-shot + one per stage) of {len(tasks)} tasks")
-    results = {**results, "metrics": run_metrics(results["matrix"], results["mif"])}
+    earlier = {str(p["question_id"]): p["text"] for p in before}
+    if sorted(earlier) != sorted(str(p["question_id"]) for p in after) or not after:
+        raise ValueError(f"{task}: the two stages' predictions are not of the same (non-empty) set of questions")
+    broke = held = 0.0
+    for p in after:
+        change = score(task, earlier[str(p["question_id"])], p["answer"]) - score(task, p["text"], p["answer"])
+        if follows_instruction(task, p["text"], p["answer"]):
+            held += change
+        else:
+            broke += change
+    n = len(after)
+    return {"drop": 100.0 * (broke + held) / n, "format_broke": 100.0 * broke / n, "format_held": 100.0 * held / n}
+
+
+def _dual_forgetting(run_dir, results):
+    """dual_forgetting of each earlier task of a finished continual run, from its saved predictions; else {}."""
+    tasks, T = results["tasks"], len(results["tasks"])
+    if _stages(results) != tasks or len(results["matrix"]) <= T or None in results["matrix"][T]:
+        return {}
+    found = {}
+    for i, task in enumerate(tasks[:-1]):
+        before, after = (os.path.join(run_dir, "predictions", f"stage{t}", f"{task}.jsonl") for t in (i + 1, T))
+        if os.path.isfile(before) and os.path.isfile(after):
+            found[task] = dual_forgetting(task, load_predictions(before), load_predictions(after))
+    return found
+
+
+def write_report(run_dir, results):
+    """Write results.json (DESIGN.md section 8), matrix.md and matrix.png into run_dir, each atomically;
+    return the results as written.
+
+    results: {"method", "tasks", "config", "matrix", "mif", "seconds"} and optionally "stages" (what each stage
+    tuned on, default the tasks), "notes" (a line on the method) and "unseen" ({"tasks", "matrix", "mif"} of
+    tasks never trained). matrix and mif have row 0 zero-shot and row t after stage t, one column per task;
+    rows not run yet may be left out and cells not evaluated be None. "metrics" is (re)computed here by
+    run_metrics, and "dual_forgetting" from the predictions saved in run_dir/predictions.
+    """
+    rows = len(_stages(results)) + 1
+    tables = [("", results["tasks"], results)] + ([("unseen ", results["unseen"]["tasks"], results["unseen"])]
+                                                  if results.get("unseen") else [])
+    for prefix, tasks, table in tables:
+        for name in ("matrix", "mif"):
+            _check_matrix(table[name], prefix + name)
+            if len(table[name][0]) != len(tasks) or len(table[name]) > rows:
+                raise ValueError(f"{prefix}{name} is {len(table[name])}x{len(table[name][0])}; expected at most "
+                                 f"{rows} rows (zero-shot + one per stage) of {len(tasks)} tasks")
+    results = {**results, "metrics": run_metrics(results["matrix"], results["mif"], rows - 1),
+               "dual_forgetting": _dual_forgetting(run_dir, results)}
     write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2) + "\n")
     write_atomic(os.path.join(run_dir, "matrix.md"), _markdown(results))
     write_atomic(os.path.join(run_dir, "matrix.png"), _heatmap_png(results))
+    return results
 
 
 def rescore_run(run_dir):
-    """Rebuild matrix and mif from run_dir/predictions/stage<t>/<task>.jsonl (stage0 = zero-shot), keep
-    method, tasks, config and seconds from run_dir/results.json, and rewrite the report. Returns the results."""
+    """Rebuild matrix and mif (and the unseen tasks') from run_dir/predictions/stage<t>/<task>.jsonl (stage0 =
+    zero-shot), keep the rest of run_dir/results.json, and rewrite the report. Returns the results."""
     path = os.path.join(run_dir, "results.json")
     if not os.path.isfile(path):
         raise ValueError(f"{path} not found; RUN_DIR must be a run folder written by smolora.py")
@@ -522,31 +600,134 @@ def rescore_run(run_dir):
             raise ValueError(f"{path} is not JSON ({e})") from None
     if not isinstance(old, dict) or not {"method", "tasks"} <= old.keys():
         raise ValueError(f"{path} needs at least 'method' and 'tasks'")
-    tasks, config = old["tasks"], old.get("config") or {}
-    data_root = config.get("data")
-    matrix = [[None] * len(tasks) for _ in range(len(tasks) + 1)]
-    mif = [[None] * len(tasks) for _ in range(len(tasks) + 1)]
-    for i, task in enumerate(tasks):
-        _task(task)
-        test_ids = None
-        if data_root and os.path.isdir(data_root):
-            records = data.load_records(data_root, task, "test")[:config.get("max_test")]  # the run's share
-            test_ids = Counter(str(r["id"]) for r in records)
-        for t in range(len(tasks) + 1):
-            pred_path = os.path.join(run_dir, "predictions", f"stage{t}", f"{task}.jsonl")
-            if not os.path.isfile(pred_path):
-                continue
-            predictions = load_predictions(pred_path)
-            if not predictions:
-                raise ValueError(f"{pred_path} is empty")
-            if test_ids is not None and Counter(str(p["question_id"]) for p in predictions) != test_ids:
-                raise ValueError(f"{pred_path}: question ids do not match the {len(test_ids)} test records of "
-                                 f"{task} in {data_root}")
-            matrix[t][i], mif[t][i] = score_predictions(task, predictions)
-    results = {"method": old["method"], "tasks": tasks, "config": old.get("config"),
-               "matrix": matrix, "mif": mif, "seconds": old.get("seconds")}
-    write_report(run_dir, results)
-    return {**results, "metrics": run_metrics(matrix, mif)}
+    config = old.get("config") or {}
+    data_root, rows = config.get("data"), len(_stages(old)) + 1
+    results = {k: old.get(k) for k in ("method", "tasks", "config", "seconds")}
+    results |= {k: old[k] for k in ("stages", "notes") if k in old}
+    tables = [(results, old["tasks"])]
+    if old.get("unseen"):
+        results["unseen"] = {"tasks": old["unseen"]["tasks"]}
+        tables.append((results["unseen"], old["unseen"]["tasks"]))
+    for table, tasks in tables:
+        table["matrix"] = [[None] * len(tasks) for _ in range(rows)]
+        table["mif"] = [[None] * len(tasks) for _ in range(rows)]
+        for i, task in enumerate(tasks):
+            _task(task)
+            test_ids = None
+            if data_root and os.path.isdir(data_root):
+                records = data.load_records(data_root, task, "test")[:config.get("max_test")]  # the run's share
+                test_ids = Counter(str(r["id"]) for r in records)
+            for t in range(rows):
+                pred_path = os.path.join(run_dir, "predictions", f"stage{t}", f"{task}.jsonl")
+                if not os.path.isfile(pred_path):
+                    continue
+                predictions = load_predictions(pred_path)
+                if not predictions:
+                    raise ValueError(f"{pred_path} is empty")
+                if test_ids is not None and Counter(str(p["question_id"]) for p in predictions) != test_ids:
+                    raise ValueError(f"{pred_path}: question ids do not match the {len(test_ids)} test records of "
+                                     f"{task} in {data_root}")
+                table["matrix"][t][i], table["mif"][t][i] = score_predictions(task, predictions)
+    return write_report(run_dir, results)
+
+
+# ----------------------------------------------------------------------------------------------
+# The comparison of methods run on the same tasks, seed and base: compare.md and compare.png.
+
+COMPARED = ("AP", "MAP", "BWT", "forgetting", "MIF")
+
+
+def _comparison_rows(runs):
+    """Per run: its metrics, the mean dual-forgetting split over the earlier tasks, the final unseen mean."""
+    rows = []
+    for r in runs:
+        dual = list((r.get("dual_forgetting") or {}).values())
+        split = {k: sum(d[k] for d in dual) / len(dual) if dual else None for k in ("format_broke", "format_held")}
+        unseen = (r.get("unseen") or {}).get("matrix")
+        final = unseen[-1] if unseen and len(unseen) == len(_stages(r)) + 1 else None
+        rows.append({**{k: r["metrics"][k] for k in COMPARED}, **split,
+                     "unseen": sum(final) / len(final) if final and None not in final else None})
+    return rows
+
+
+def _comparison_markdown(runs):
+    rows, tasks = _comparison_rows(runs), runs[0]["tasks"]
+    columns = (*COMPARED, "format_broke", "format_held", "unseen")
+    lines = [f"# Comparison: {' -> '.join(tasks)}", "",
+             "Each method tuned on the same tasks, in this order, from the same base model and seed.", "",
+             "| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines += [f"| {r['method']} | " + " | ".join(_cell(row[k]) for k in columns) + " |" for r, row in zip(runs, rows)]
+    lines += ["", "AP, MAP, BWT, forgetting, MIF as in each run's matrix.md (DESIGN.md section 6). format_broke / "
+              "format_held: the mean drop of an earlier task, in points, on the samples whose final answer broke "
+              "the task's format / kept it but was wrong (dual forgetting). unseen: the mean final score on the "
+              "tasks never trained. – : not defined for the method, or not run.", ""]
+    lines += [f"- **{r['method']}**: {r['notes']}" for r in runs if r.get("notes")]
+    earlier = tasks[:-1]
+    if any(r.get("dual_forgetting") for r in runs):
+        lines += ["", "## Dual forgetting per earlier task: format broke / format held (points)", "",
+                  "| method | " + " | ".join(earlier) + " |", "|---|" + "---:|" * len(earlier)]
+        for r in runs:
+            dual = r.get("dual_forgetting") or {}
+            lines.append(f"| {r['method']} | " + " | ".join(
+                f"{dual[t]['format_broke']:.1f} / {dual[t]['format_held']:.1f}" if t in dual else "–"
+                for t in earlier) + " |")
+    return "\n".join(lines) + "\n"
+
+
+BROKE, HELD, BAR = (220, 80, 60), (59, 82, 139), (33, 145, 140)
+
+
+def _comparison_png(runs):
+    """A panel of horizontal bars per metric, one bar per method from the zero line, and a last panel with each
+    method's mean forgetting split: the format-broke part, then the format-held part stacked on it."""
+    font = ImageFont.load_default(size=14)
+    rows = _comparison_rows(runs)
+    panels = [(k, [[(row[k], BAR)] for row in rows]) for k in COMPARED]
+    panels.append(("forgetting: broke + held", [[(row["format_broke"], BROKE), (row["format_held"], HELD)]
+                                                for row in rows]))
+    label_w, bar_h, panel_w, pad, top = max(font.getlength(r["method"]) for r in runs) + 16, 26, 190, 14, 44
+    width, height = int(pad + label_w + len(panels) * (panel_w + pad)), top + bar_h * len(runs) + 3 * pad + 16
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    for m, r in enumerate(runs):
+        draw.text((pad + label_w - 8, top + (m + 0.5) * bar_h), r["method"], fill="black", font=font, anchor="rm")
+    for p, (title, bars) in enumerate(panels):
+        left = pad + label_w + p * (panel_w + pad)
+        # each bar's segment ends, from 0: the panel's scale spans them all
+        ends = [[0.0] + [sum(v for v, _ in bar[:k + 1] if v is not None) for k in range(len(bar))] for bar in bars]
+        low, high = min(min(e) for e in ends), max(max(e) for e in ends)
+        scale = (panel_w - 80) / (high - low if high > low else 1.0)
+
+        def x(value):
+            return left + 40 + (value - low) * scale      # 40 px each side for the value's label
+        draw.text((left + panel_w / 2, pad + 8), title, fill="black", font=font, anchor="mm")
+        draw.line((x(0), top - 4, x(0), top + bar_h * len(runs)), fill="black")
+        for m, (bar, end) in enumerate(zip(bars, ends)):
+            y = top + m * bar_h + 4
+            for (value, colour), a, b in zip(bar, end, end[1:]):
+                if value is not None:
+                    draw.rectangle((min(x(a), x(b)), y, max(x(a), x(b)), y + bar_h - 8), fill=colour)
+            label = "-" if all(v is None for v, _ in bar) else f"{end[-1]:.1f}"
+            draw.text((x(end[-1]) + (-3 if end[-1] < 0 else 3), y + (bar_h - 8) / 2), label, fill="black", font=font,
+                      anchor="rm" if end[-1] < 0 else "lm")
+    legend = (("format broke", BROKE), ("format held", HELD))
+    left = width - pad - sum(font.getlength(name) + 30 for name, _ in legend)
+    for name, colour in legend:
+        draw.rectangle((left, height - pad - 12, left + 10, height - pad - 2), fill=colour)
+        draw.text((left + 14, height - pad - 7), name, fill="black", font=font, anchor="lm")
+        left += font.getlength(name) + 30
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_comparison(folder, runs):
+    """compare.md and compare.png in folder, from the results (as write_report returns them) of several methods'
+    runs on the same tasks, in the order given."""
+    if not runs or any(r["tasks"] != runs[0]["tasks"] for r in runs):
+        raise ValueError(f"a comparison needs runs on the same tasks, got {[r['tasks'] for r in runs]}")
+    write_atomic(os.path.join(folder, "compare.md"), _comparison_markdown(runs))
+    write_atomic(os.path.join(folder, "compare.png"), _comparison_png(runs))
 
 
 def main(argv=None):

@@ -7,6 +7,7 @@ Notation as in the papers: x a token's input to a linear layer, W0 the frozen we
 s = alpha / r the LoRA scale (the TOTAL rank r in both papers' code, also for the mixtures).
 """
 import argparse
+import functools
 import io
 import json
 import math
@@ -72,6 +73,40 @@ class LoRALinear(nn.Module):
         if self.merged:
             self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
             self.merged = False
+
+
+class OLoRALinear(LoRALinear):
+    """O-LoRA (Wang et al. 2023, orthogonal subspace learning): each task tunes a new LoRA; the earlier tasks'
+    LoRAs stay in the model, frozen, and the new A is pushed out of the row space of theirs.
+
+        h      = W0 x + sum_{j<t} s B_j A_j x + s B_t A_t x
+        L_orth = sum_{j<t} sum |A_j A_t^T|       (the official code's L1; the paper writes the squared norm)
+
+    The frozen LoRAs are stacked in buffers sized for all the run's tasks (zeros for the tasks to come), so the
+    adapter's state has one shape for the whole run.
+    """
+
+    def __init__(self, base: nn.Linear, r=8, alpha=16, dropout=0.0, num_tasks=1):
+        super().__init__(base, r, alpha, dropout)
+        kw = dict(device=base.weight.device, dtype=torch.float32)
+        self.register_buffer("past_A", torch.zeros(num_tasks * r, base.in_features, **kw))   # [A_1; ..; A_t-1; 0]
+        self.register_buffer("past_B", torch.zeros(base.out_features, num_tasks * r, **kw))  # [B_1 .. B_t-1 0]
+
+    def forward(self, x):
+        h = super().forward(x)                                             # W0 x + s B_t A_t x
+        z = self.dropout(x.to(self.past_A.dtype)) @ self.past_A.T           # A_j x, all j < t
+        return h + (self.scaling * z @ self.past_B.T).to(h.dtype)          # + sum_{j<t} s B_j A_j x
+
+    @torch.no_grad()
+    def start_new_lora(self, done):
+        """Freeze the LoRA just tuned as task `done`'s (1-based) and start a fresh one for the next task."""
+        rows = slice((done - 1) * self.r, done * self.r)
+        self.past_A[rows], self.past_B[:, rows] = self.lora_A, self.lora_B
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B.zero_()
+
+    def orthogonality(self):
+        return (self.past_A @ self.lora_A.T).abs().sum()                 # sum_{j<t} sum |A_j A_t^T|
 
 
 def _expert_weights(base, r, num_experts):
@@ -214,8 +249,9 @@ TARGETS = {
     "moelora": (LLM_LINEARS,),
     "smolora": (r"model\.language_model\.layers\.\d+\.mlp\.(gate|up|down)_proj",  # the LLM's MLP
                 r"model\.multi_modal_projector\.linear_[12]"),                    # and both projector linears
+    "olora": (LLM_LINEARS,),
 }
-HPARAMS = {"lora": {"r", "alpha", "dropout"},
+HPARAMS = {"lora": {"r", "alpha", "dropout"}, "olora": {"r", "alpha", "dropout", "num_tasks"},
            "moelora": {"r", "alpha", "dropout", "num_experts"},
            "smolora": {"r", "alpha", "dropout", "num_experts", "top_k"}}
 
@@ -245,6 +281,8 @@ def add_adapters(model, method, targets=None, **hparams):
         base = getattr(parent, child)
         if method == "lora":
             adapter = LoRALinear(base, **hparams)
+        elif method == "olora":
+            adapter = OLoRALinear(base, **hparams)
         elif method == "moelora":
             adapter = MoELoRALinear(base, **hparams)
         else:
@@ -408,12 +446,19 @@ class NaNLoss(ValueError):
     pass
 
 
-def train_step(model, batch, optimizer, schedule, max_grad_norm=1.0):
-    """One step of next-token cross-entropy on the answer tokens (labels are -100 elsewhere)."""
+def answer_loss(model, batch):
+    """Next-token cross-entropy on the answer tokens of a collated batch (labels are -100 elsewhere)."""
     batch = {k: v.to(model.device) for k, v in batch.items()}
     route_batch(model, batch)
-    loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                  pixel_values=batch["pixel_values"].to(model.dtype), labels=batch["labels"]).loss
+
+
+def train_step(model, batch, optimizer, schedule, max_grad_norm=1.0, penalty=None):
+    """One step on the answer loss, plus penalty() when a method adds one (EWC, O-LoRA)."""
+    loss = answer_loss(model, batch)
+    if penalty is not None:
+        loss = loss + penalty()
     if not torch.isfinite(loss):
         raise NaNLoss(f"the loss became {loss.item()}")
     loss.backward()
@@ -423,6 +468,83 @@ def train_step(model, batch, optimizer, schedule, max_grad_norm=1.0):
     schedule.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.item()
+
+
+# The methods of the papers' tables (DESIGN.md 2.4), in their order: the adapter each tunes and what it is.
+# Each one's few lines are marked by its name below and in `run`.
+METHODS = {
+    "zeroshot": (None, "the base model, not tuned"),
+    "multitask": ("lora", "one LoRA tuned on all tasks mixed, in one stage: the upper bound, not continual"),
+    "dirlora": ("lora", "a fresh LoRA per task, each task answered by its own: needs the task identity at test"),
+    "lora": ("lora", "SeqLoRA: one LoRA tuned through the tasks in order"),
+    "replay": ("lora", "SeqLoRA with a memory of earlier tasks' training samples mixed into each later task"),
+    "ewc": ("lora", "SeqLoRA with the EWC penalty (lambda/2) sum F (theta - theta*)^2"),
+    "olora": ("olora", "O-LoRA: a new LoRA per task, earlier ones frozen, the new A orthogonal to theirs"),
+    "moelora": ("moelora", "CoIN's MoELoRA: a dense mixture of LoRA experts tuned through the tasks"),
+    "smolora": ("smolora", "SMoLoRA: separable visual / instruction expert pools, routed per sample"),
+}
+REPLAY_RATIO = 0.1     # replay: each later task's records get 10% more from the earlier tasks' memories (ours)
+EWC_LAMBDA = 5000.0    # ewc (ours): about the loss's size once the next task moves the adapters as SeqLoRA does
+EWC_SAMPLES = 64       # ewc: training samples of a task its Fisher is averaged over (ours: a sample, not all)
+OLORA_LAMBDA = 0.5     # olora: the orthogonality loss's weight (the official code's lamda_1; its L2 term, 0, left out)
+
+
+def replay_memory(records, task, ratio, seed):
+    """replay: what is kept of a task once it is learned, a fixed random round(ratio * n) of its training records."""
+    return random.Random(f"{seed}/memory/{task}").sample(records, round(ratio * len(records)))
+
+
+def replay_mix(train, tasks, stage, ratio, seed):
+    """replay: stage t's training records, task t's n_t plus round(ratio * n_t) drawn as evenly as the count
+    allows from the memories of the tasks before it (none at stage 1). Seeded, so a resumed run draws the same."""
+    records, earlier = list(train[tasks[stage - 1]]), tasks[:stage - 1]
+    wanted, rng = round(ratio * len(records)), random.Random(f"{seed}/replay/{stage}")
+    replayed = []
+    for j, task in enumerate(earlier):
+        memory = replay_memory(train[task], task, ratio, seed)
+        replayed += rng.sample(memory, min(len(memory), wanted // len(earlier) + (j < wanted % len(earlier))))
+    return records + replayed
+
+
+def diagonal_fisher(model, processor, records):
+    """ewc: F_k = (1/n) sum_s (d loss_s / d theta_k)^2 over the trainable (adapter) parameters: the empirical
+    Fisher, one sample at a time, on the answer loss of the n records."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    fisher = {name: torch.zeros_like(p) for name, p in params.items()}
+    collate = data.Collator(processor, train=True)
+    model.eval()                                   # no adapter dropout
+    for record in records:
+        grads = torch.autograd.grad(answer_loss(model, collate([record])), list(params.values()))
+        for name, g in zip(params, grads):
+            fisher[name] += g ** 2 / len(records)
+    return fisher
+
+
+def consolidate(model, processor, records, previous=None):
+    """ewc after a task: F gains the task's diagonal Fisher and theta* moves to the parameters just learned
+    (online EWC, Schwarz et al. 2018, one penalty for all earlier tasks). Returns (F, theta*)."""
+    fisher = diagonal_fisher(model, processor, records[:EWC_SAMPLES])
+    if previous is not None:
+        fisher = {name: f + previous[0][name] for name, f in fisher.items()}
+    return fisher, {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def ewc_penalty(model, fisher, anchor, lam):
+    """ewc (Kirkpatrick et al. 2017): (lambda/2) sum_k F_k (theta_k - theta*_k)^2 over the adapter parameters."""
+    return lam / 2 * sum((fisher[name] * (p - anchor[name]) ** 2).sum()
+                         for name, p in model.named_parameters() if name in fisher)
+
+
+def start_new_lora(model, done):
+    """olora: freeze every layer's LoRA as task `done`'s and start a fresh one."""
+    for module in model.modules():
+        if isinstance(module, OLoRALinear):
+            module.start_new_lora(done)
+
+
+def orthogonality_penalty(model, lam=1.0):
+    """olora: lambda * L_orth summed over the adapted layers."""
+    return lam * sum(m.orthogonality() for m in model.modules() if isinstance(m, OLoRALinear))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,15 +559,21 @@ TINY_DEFAULTS = dict(r=32, alpha=64, experts=8, lr=5e-3, batch_size=32, epochs=8
 PROJECTOR_LR_FACTOR = 0.2                    # SMoLoRA's projector adapters: 2e-5 against 1e-4 (DESIGN.md 2.3)
 # what must agree for --resume to continue a run, or for a rerun to replace it
 RUN_IDENTITY = ("method", "tasks", "model", "data", "seed", "epochs", "lr", "batch_size", "r", "alpha",
-                "experts", "top_k", "max_train", "max_test")
+                "experts", "top_k", "max_train", "max_test", "replay_ratio", "ewc_lambda", "olora_lambda",
+                "unseen", "instructions")
+LATER_IDENTITY = {"unseen": [], "instructions": "default"}   # what a run saved before these keys existed had
 
 
 def adapter_hparams(cfg):
-    hparams = dict(r=cfg["r"], alpha=cfg["alpha"])
-    if cfg["method"] != "lora":
+    adapter, hparams = METHODS[cfg["method"]][0], dict(r=cfg["r"], alpha=cfg["alpha"])
+    if adapter in ("moelora", "smolora"):
         hparams["num_experts"] = cfg["experts"]
-    if cfg["method"] == "smolora":
+    if adapter == "smolora":
         hparams["top_k"] = cfg["top_k"]
+    if adapter == "olora":   # ours: rank r/T per task, the others' rank budget r shared, so the T A's can be orthogonal
+        T = len(cfg["tasks"])
+        rank = max(1, cfg["r"] // T)
+        hparams.update(r=rank, alpha=cfg["alpha"] * rank / cfg["r"], num_tasks=T)   # the same scale s = alpha / r
     return hparams
 
 
@@ -455,7 +583,7 @@ def prepare_out(cfg):
     saved = out / "results.json"
     if saved.exists():
         old = json.loads(saved.read_text()).get("config") or {}
-        differs = [k for k in RUN_IDENTITY if old.get(k) != cfg[k]]
+        differs = [k for k in RUN_IDENTITY if old.get(k, LATER_IDENTITY.get(k)) != cfg[k]]
         if differs:
             raise ValueError(f"--out {out} holds a different run ({', '.join(f'{k}={old.get(k)!r}' for k in differs)}"
                              f"); choose another --out or delete that folder")
@@ -479,8 +607,8 @@ def evaluate(model, processor, task, records, path, cfg):
     return eval.score_predictions(task, predictions)
 
 
-def train_stage(model, processor, records, cfg, stage, out):
-    """Tune the adapters on one task's records; a checkpoint every CHECKPOINT_SECONDS, resumable."""
+def train_stage(model, processor, records, cfg, stage, out, name, penalty=None):
+    """Tune the adapters on one stage's records (stage `name`); a checkpoint every CHECKPOINT_SECONDS, resumable."""
     steps = max(1, math.ceil(cfg["epochs"] * len(records) / cfg["batch_size"]))
     batches = batch_order(len(records), cfg["batch_size"], steps, cfg["seed"] + stage)
     llm, projector = [], []
@@ -502,11 +630,11 @@ def train_stage(model, processor, records, cfg, stage, out):
             start = state["step"]
     collate, last_save = data.Collator(processor, train=True), time.time()
     model.train()
-    bar = tqdm(range(start, steps), desc=f"stage {stage}: tuning on {cfg['tasks'][stage - 1]}", initial=start,
-               total=steps)
+    bar = tqdm(range(start, steps), desc=f"stage {stage}: tuning on {name}", initial=start, total=steps)
     for step in bar:
         try:
-            loss = train_step(model, collate([records[i] for i in batches[step]]), optimizer, schedule)
+            loss = train_step(model, collate([records[i] for i in batches[step]]), optimizer, schedule,
+                              penalty=penalty)
         except NaNLoss as e:
             kept = checkpoint if checkpoint.exists() else out / "adapters" / f"stage{stage - 1}.safetensors"
             raise NaNLoss(f"{e} at stage {stage} step {step}: stopped; the last good checkpoint is kept "
@@ -535,51 +663,81 @@ def ensure_tiny_model(cache, progress=True):
 
 
 def run(cfg, progress=True):
-    """Sequential tuning on cfg["tasks"] with cfg["method"]; returns the results dict (DESIGN.md section 8)."""
+    """Tuning on cfg["tasks"] with cfg["method"]; returns the results dict (DESIGN.md section 8)."""
     started = time.time()
     out = prepare_out(cfg)
     cache = Path(cfg["cache"])
     model_path = cfg["model"] or ensure_tiny_model(cache, progress)
     data_root = cfg["data"] or cache / "data-v1"
+    tasks, unseen, method = cfg["tasks"], cfg["unseen"], cfg["method"]
     if not cfg["data"]:
-        data.make_synthetic(data_root, cfg["tasks"], seed=0, progress=progress, **SYNTHETIC)
-    tasks = cfg["tasks"]
+        data.make_synthetic(data_root, tasks + unseen, seed=0, progress=progress, **SYNTHETIC)
     train = {t: data.load_records(data_root, t, "train")[:cfg["max_train"]] for t in tasks}
-    test = {t: data.load_records(data_root, t, "test")[:cfg["max_test"]] for t in tasks}
+    test = {t: data.load_records(data_root, t, "test", cfg["instructions"])[:cfg["max_test"]] for t in tasks + unseen}
     dtype = getattr(torch, cfg["dtype"])
     model, processor = load_model(model_path, cfg["device"], dtype)
     if cfg["grad_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    T = len(tasks)
-    results = {"method": cfg["method"], "tasks": list(tasks), "config": cfg,
-               "matrix": [[None] * T for _ in range(T + 1)], "mif": [[None] * T for _ in range(T + 1)],
+    # what each stage tunes on: zeroshot none, multitask all tasks at once, the others one task after another
+    stages = {"zeroshot": [], "multitask": ["all tasks mixed"]}.get(method, tasks)
+
+    def empty(columns):
+        return {"tasks": list(columns), "matrix": [[None] * len(columns) for _ in range(len(stages) + 1)],
+                "mif": [[None] * len(columns) for _ in range(len(stages) + 1)]}
+    results = {"method": method, **empty(tasks), "config": cfg, "stages": stages, "notes": METHODS[method][1],
                "seconds": None}
+    if unseen:
+        results["unseen"] = empty(unseen)
     previous = out / "results.json"
     earlier_seconds = 0       # a resumed run's time so far
     if cfg["resume"] and previous.exists():
         earlier_seconds = json.loads(previous.read_text()).get("seconds") or 0
 
     def evaluate_row(stage):
-        for i, task in enumerate(tasks):
+        current = adapter_state_dict(model) if method == "dirlora" else None
+        for i, task in enumerate(tasks + unseen):
+            if method == "dirlora" and stage:   # a trained task is answered by its own LoRA: the task identity
+                own = out / "adapters" / f"stage{i + 1}.safetensors"
+                load_adapter_state_dict(model, safetensors.torch.load_file(own) if i + 1 < stage else current)
+            table, column = (results, i) if i < len(tasks) else (results["unseen"], i - len(tasks))
             path = out / "predictions" / f"stage{stage}" / f"{task}.jsonl"
-            results["matrix"][stage][i], results["mif"][stage][i] = evaluate(model, processor, task, test[task],
-                                                                             path, cfg)
+            table["matrix"][stage][column], table["mif"][stage][column] = evaluate(model, processor, task,
+                                                                                   test[task], path, cfg)
         results["seconds"] = earlier_seconds + time.time() - started
         eval.write_report(out, results)
-        print(f"\nafter stage {stage} of {T}:\n" + (out / "matrix.md").read_text())
+        print(f"\nafter stage {stage} of {len(stages)}:\n" + (out / "matrix.md").read_text())
 
     evaluate_row(0)
-    torch.manual_seed(cfg["seed"])
-    add_adapters(model, cfg["method"], **adapter_hparams(cfg))
-    for stage, task in enumerate(tasks, 1):
+    if stages:
+        torch.manual_seed(cfg["seed"])
+        add_adapters(model, METHODS[method][0], **adapter_hparams(cfg))
+    fresh, ewc = adapter_state_dict(model), None
+    for stage, name in enumerate(stages, 1):
         saved = out / "adapters" / f"stage{stage}.safetensors"
         if cfg["resume"] and saved.exists():
             load_adapter_state_dict(model, safetensors.torch.load_file(saved))
         else:
-            train_stage(model, processor, train[task], cfg, stage, out)
+            penalty = None
+            if method == "multitask":
+                records = [r for t in tasks for r in train[t]]                     # batch_order mixes them
+            elif method == "replay":
+                records = replay_mix(train, tasks, stage, cfg["replay_ratio"], cfg["seed"])
+            else:
+                records = train[name]
+            if method == "dirlora":
+                load_adapter_state_dict(model, fresh)                              # a fresh LoRA for every task
+            if method == "ewc" and ewc is not None:
+                penalty = functools.partial(ewc_penalty, model, *ewc, cfg["ewc_lambda"])
+            if method == "olora" and stage > 1:
+                torch.manual_seed(cfg["seed"] + stage)                             # the new A's draws, also on resume
+                start_new_lora(model, stage - 1)
+                penalty = functools.partial(orthogonality_penalty, model, cfg["olora_lambda"])
+            train_stage(model, processor, records, cfg, stage, out, name, penalty)
             saved.parent.mkdir(exist_ok=True)
             eval.write_atomic(saved, safetensors.torch.save(adapter_state_dict(model)))
             (out / "checkpoint.pt").unlink(missing_ok=True)
+        if method == "ewc" and stage < len(stages):     # F and theta* for the next tasks (recomputed on resume)
+            ewc = consolidate(model, processor, train[name], ewc)
         evaluate_row(stage)
     return json.loads((out / "results.json").read_text())
 
@@ -587,15 +745,23 @@ def run(cfg, progress=True):
 # ----------------------------------------------------------------------------------------------
 # 6. The command line: `python smolora.py --tasks scienceqa,textvqa`.
 
-def parse_tasks(text):
+def parse_tasks(text, flag="--tasks"):
     if text in ("coin", "smolora"):
         return list(data.COIN_TASKS if text == "coin" else data.SMOLORA_TASKS)
     tasks = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in data.TASKS]
     if unknown or not tasks or len(set(tasks)) != len(tasks):
-        raise ValueError(f"--tasks {text!r} is not allowed: give distinct names among {', '.join(data.TASKS)}, "
+        raise ValueError(f"{flag} {text!r} is not allowed: give distinct names among {', '.join(data.TASKS)}, "
                          f"or 'coin' or 'smolora'")
     return tasks
+
+
+def parse_methods(text):
+    methods = list(METHODS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    if not methods or len(set(methods)) != len(methods) or any(m not in METHODS for m in methods):
+        raise ValueError(f"--method {text!r} is not allowed: choose one or several (comma-separated, distinct) of "
+                         f"{', '.join(METHODS)}, or 'all'")
+    return methods
 
 
 def parse_args(argv=None):
@@ -603,10 +769,11 @@ def parse_args(argv=None):
                                             "one after another, evaluate every task after every stage.")
     p.add_argument("--tasks", required=True, help="comma-separated task names in training order, or 'coin' "
                                                   "(CoIN's 8) or 'smolora' (SMoLoRA's 6 upstream)")
-    p.add_argument("--method", default="smolora", help="adapter: lora | moelora | smolora")
+    p.add_argument("--method", default="smolora", help=f"{' | '.join(METHODS)}; or several, comma-separated, or "
+                                                       f"'all': each run in <out>/<method>, compared in <out>")
     p.add_argument("--model", help="a LLaVA checkpoint folder or id (default: the tiny model, built once)")
     p.add_argument("--data", help="a CoIN-format data root (default: the synthetic mini-CoIN, made once)")
-    p.add_argument("--out", help="the run folder (default: runs/<method>-<tasks>)")
+    p.add_argument("--out", help="the run folder (default: runs/<method>-<tasks>, or runs/compare-<tasks>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from where it stopped")
     p.add_argument("--cache", default=str(CACHE), help="where the tiny model and synthetic data are kept "
                                                        "(default $SMOLORA_CACHE or ~/.cache/smolora)")
@@ -614,10 +781,17 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=float, help="passes over each task's training records")
     p.add_argument("--lr", type=float, help="learning rate of the LLM's adapters (projector's: x0.2)")
     p.add_argument("--batch-size", type=int, help="training and evaluation batch size")
-    p.add_argument("--r", type=int, help="total adapter rank")
+    p.add_argument("--r", type=int, help="total adapter rank (olora: shared by the tasks, r/T each)")
     p.add_argument("--alpha", type=float, help="LoRA alpha: the scale is alpha / r")
     p.add_argument("--experts", type=int, help="number of experts (MoELoRA, SMoLoRA)")
     p.add_argument("--top-k", type=int, default=1, help="experts kept per pool by SMoLoRA's routers (paper: 1)")
+    p.add_argument("--replay-ratio", type=float, default=REPLAY_RATIO,
+                   help="replay: earlier tasks' samples added to each task, as a share of its own records")
+    p.add_argument("--ewc-lambda", type=float, default=EWC_LAMBDA, help="ewc: weight of the EWC penalty")
+    p.add_argument("--olora-lambda", type=float, default=OLORA_LAMBDA, help="olora: weight of the orthogonality loss")
+    p.add_argument("--unseen", help="comma-separated tasks never trained, evaluated after every stage (not in AP)")
+    p.add_argument("--instructions", default="default", choices=("default", "diverse"),
+                   help="diverse: evaluate with paraphrased instructions never trained on")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
@@ -626,38 +800,59 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def make_config(args):
-    """The run's configuration: flags given, else the defaults for a real checkpoint or the tiny model."""
-    if args.method not in TARGETS:
-        raise ValueError(f"--method {args.method!r} is not allowed: choose one of {', '.join(TARGETS)}")
+def make_config(args, method=None):
+    """The configuration of the run of `method`, one of --method (default the first): flags given, else the
+    defaults for a real checkpoint or the tiny model. With several methods, each runs in <out>/<method>."""
+    methods = parse_methods(args.method)
+    method = method or methods[0]
     tasks = parse_tasks(args.tasks)
+    unseen = parse_tasks(args.unseen, "--unseen") if args.unseen else []
+    if set(unseen) & set(tasks):
+        raise ValueError(f"--unseen {args.unseen!r} is not allowed: unseen tasks must not be among --tasks")
     defaults = PAPER_DEFAULTS if args.model else TINY_DEFAULTS
     cfg = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype {dtype!r} is not allowed: choose float32, bfloat16 or float16")
-    for name in ("epochs", "lr", "batch_size", "r", "alpha", "experts", "top_k", "max_train", "max_test"):
+    for name in ("epochs", "lr", "batch_size", "r", "alpha", "experts", "top_k", "max_train", "max_test",
+                 "replay_ratio", "ewc_lambda", "olora_lambda"):
         value = cfg.get(name, getattr(args, name))
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} {value} is not allowed: it must be positive")
-    return {"method": args.method, "tasks": tasks, "model": args.model,
+    if args.replay_ratio > 1:
+        raise ValueError(f"--replay-ratio {args.replay_ratio} is not allowed: it must be in (0, 1]")
+    out = args.out or f"runs/{method}-{'-'.join(tasks)}"
+    if len(methods) > 1:
+        out = Path(args.out or f"runs/compare-{'-'.join(tasks)}") / method
+    return {"method": method, "tasks": tasks, "model": args.model,
             "data": str(Path(args.data).resolve()) if args.data else None,
-            "out": args.out or f"runs/{args.method}-{'-'.join(tasks)}", "resume": args.resume, "cache": args.cache,
+            "out": str(out), "resume": args.resume, "cache": args.cache,
             "seed": args.seed, **cfg, "top_k": args.top_k, "max_train": args.max_train, "max_test": args.max_test,
+            "replay_ratio": args.replay_ratio if method == "replay" else None,     # only the method's own knobs,
+            "ewc_lambda": args.ewc_lambda if method == "ewc" else None,             # so they name its run
+            "olora_lambda": args.olora_lambda if method == "olora" else None,
+            "unseen": unseen, "instructions": args.instructions,
             "device": args.device, "dtype": dtype, "grad_checkpointing": args.grad_checkpointing}
 
 
 def main(argv=None):
     try:
-        cfg = make_config(parse_args(argv))
-        print("configuration: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
-        results = run(cfg)
+        args = parse_args(argv)
+        configs = [make_config(args, method) for method in parse_methods(args.method)]   # all checked first
+        runs = []
+        for cfg in configs:
+            print("configuration: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
+            runs.append(run(cfg))
+            print(f"{cfg['method']} done in {runs[-1]['seconds']:.0f} s: " + ", ".join(
+                f"{k} {v:.1f}" for k, v in runs[-1]["metrics"].items() if v is not None) +
+                f"; report in {cfg['out']}/matrix.md")
+        if len(configs) > 1:
+            folder = Path(configs[0]["out"]).parent
+            eval.write_comparison(folder, runs)
+            print(f"comparison of {', '.join(r['method'] for r in runs)} in {folder}/compare.md and compare.png")
     except ValueError as e:   # bad input, a NaN loss: one line, exit status 2, nothing saved is lost
         print(f"smolora.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    metrics = results["metrics"]
-    print(f"done in {results['seconds']:.0f} s: " + ", ".join(
-        f"{k} {v:.1f}" for k, v in metrics.items() if v is not None) + f"; report in {cfg['out']}/matrix.md")
 
 
 if __name__ == "__main__":
