@@ -565,7 +565,8 @@ LATER_IDENTITY = {"unseen": [], "instructions": "default"}   # what a run saved 
 
 
 def adapter_hparams(cfg):
-    adapter, hparams = METHODS[cfg["method"]][0], dict(r=cfg["r"], alpha=cfg["alpha"])
+    # dropout 0.05 on every adapter's input: the papers' MoE value and LLaVA's LoRA scripts' (a fair comparison)
+    adapter, hparams = METHODS[cfg["method"]][0], dict(r=cfg["r"], alpha=cfg["alpha"], dropout=0.05)
     if adapter in ("moelora", "smolora"):
         hparams["num_experts"] = cfg["experts"]
     if adapter == "smolora":
