@@ -489,14 +489,15 @@ def _heatmap_png(results):
     label_w = max(font.getlength(n) for n in names) + 16
     cell_w, cell_h, pad = max(72, max(font.getlength(t) for t in tasks) + 14), 30, 12
     grid_w = cell_w * len(tasks)
+    content_w = max(label_w + grid_w, *(font.getlength(f"{results['method']}: {t}") for t, _ in matrices))
     panel_h = 2 * cell_h + cell_h * len(names)  # title, task names, zero-shot + the stages
-    width, height = int(pad + label_w + grid_w + 110), int(pad + 2 * (panel_h + pad))
+    width, height = int(pad + content_w + 110), int(pad + 2 * (panel_h + pad))
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     for p, (title, matrix) in enumerate(matrices):
         top = pad + p * (panel_h + pad)
         left = pad + label_w
-        draw.text((left, top + 6), f"{results['method']}: {title}", fill="black", font=font)
+        draw.text((pad, top + 6), f"{results['method']}: {title}", fill="black", font=font)
         for i, task in enumerate(tasks):
             draw.text((left + i * cell_w + cell_w / 2, top + 1.5 * cell_h), task, fill="black", font=font, anchor="mm")
         for t, name in enumerate(names):
@@ -510,7 +511,7 @@ def _heatmap_png(results):
                 ink = "black" if sum(fill) / 3 > 110 else "white"
                 draw.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "-" if value is None else f"{value:.1f}",
                           fill=ink, font=font, anchor="mm")
-    bar_left, bar_top, bar_h = pad + label_w + grid_w + 24, pad + 2 * cell_h, height - 2 * pad - 2 * cell_h
+    bar_left, bar_top, bar_h = pad + content_w + 24, pad + 2 * cell_h, height - 2 * pad - 2 * cell_h
     draw.text((bar_left, pad + 6), "%", fill="black", font=font)
     for y in range(bar_h):
         draw.line((bar_left, bar_top + y, bar_left + 18, bar_top + y), fill=_colour(100.0 * (1 - y / (bar_h - 1))))

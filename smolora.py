@@ -613,9 +613,9 @@ def train_stage(model, processor, records, cfg, stage, out, name, penalty=None):
     steps = max(1, math.ceil(cfg["epochs"] * len(records) / cfg["batch_size"]))
     batches = batch_order(len(records), cfg["batch_size"], steps, cfg["seed"] + stage)
     llm, projector = [], []
-    for name, p in model.named_parameters():
+    for parameter_name, p in model.named_parameters():
         if p.requires_grad:
-            (projector if "multi_modal_projector" in name else llm).append(p)
+            (projector if "multi_modal_projector" in parameter_name else llm).append(p)
     optimizer = torch.optim.AdamW([{"params": llm, "lr": cfg["lr"]},
                                    {"params": projector, "lr": cfg["lr"] * PROJECTOR_LR_FACTOR}], weight_decay=0.0)
     schedule = cosine_with_warmup(optimizer, steps)
