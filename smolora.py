@@ -561,7 +561,6 @@ PROJECTOR_LR_FACTOR = 0.2                    # SMoLoRA's projector adapters: 2e-
 RUN_IDENTITY = ("method", "tasks", "model", "data", "seed", "epochs", "lr", "batch_size", "r", "alpha",
                 "experts", "top_k", "max_train", "max_test", "replay_ratio", "ewc_lambda", "olora_lambda",
                 "unseen", "instructions")
-LATER_IDENTITY = {"unseen": [], "instructions": "default"}   # what a run saved before these keys existed had
 
 
 def adapter_hparams(cfg):
@@ -584,7 +583,7 @@ def prepare_out(cfg):
     saved = out / "results.json"
     if saved.exists():
         old = json.loads(saved.read_text()).get("config") or {}
-        differs = [k for k in RUN_IDENTITY if old.get(k, LATER_IDENTITY.get(k)) != cfg[k]]
+        differs = [k for k in RUN_IDENTITY if old.get(k) != cfg[k]]
         if differs:
             raise ValueError(f"--out {out} holds a different run ({', '.join(f'{k}={old.get(k)!r}' for k in differs)}"
                              f"); choose another --out or delete that folder")

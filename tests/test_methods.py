@@ -9,6 +9,7 @@ from PIL import Image
 import data
 import eval
 import smolora
+from test_run import interrupt
 
 TASKS = ["scienceqa", "grounding"]
 
@@ -112,15 +113,8 @@ def test_comparison_files(micro):
 def test_resume_gives_the_uninterrupted_run(micro, tmp_path, monkeypatch, method, at_call):
     """Killed in stage 2, resumed: the same adapters and matrix as the comparison's uninterrupted run."""
     monkeypatch.setattr(smolora, "CHECKPOINT_SECONDS", 0)
-    real, calls = smolora.train_step, []
-
-    def step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == at_call:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
     with monkeypatch.context() as m:
-        m.setattr(smolora, "train_step", step)
+        interrupt(m, at_call)
         with pytest.raises(KeyboardInterrupt):
             smolora.main(run_args(micro, tmp_path, method))
     assert (tmp_path / "checkpoint.pt").exists() == (at_call == 4)
