@@ -2,9 +2,10 @@
 
 Read top to bottom: answer normalisation and the scorers of DESIGN.md section 5, `score` / `task_score`,
 the instruction-following check behind MIF, the continual metrics of section 6, batched greedy generation,
-the report a person reads (results.json, matrix.md, matrix.png, with the dual-forgetting split), and the
-comparison of methods (compare.md, compare.png). `python eval.py RUN_DIR` re-scores a run's saved predictions
-and rewrites its report, so a scorer fix never needs retraining.
+the report a person reads (results.json, matrix.md, matrix.png, with the dual-forgetting split), the
+comparison of methods (compare.md, compare.png), and which tasks SMoLoRA's routers send to the same experts
+(routing.md, routing.png). `python eval.py RUN_DIR` re-scores a run's saved predictions and rewrites its
+report, so a scorer fix never needs retraining.
 
 The official code's quirks (DESIGN.md section 5) are not copied: an empty prediction is wrong everywhere,
 no digit of a box is dropped, and matching is never case-sensitive.
@@ -483,27 +484,34 @@ def _colour(value):
 
 def _heatmap_png(results):
     """Both matrices as heatmaps, one above the other, with a shared colour scale on the right."""
+    panels = [(f"{results['method']}: score", results["matrix"]),
+              (f"{results['method']}: instruction following (MIF)", results["mif"])]
+    return _heatmaps_png(panels, results["tasks"], _row_names(results))
+
+
+def _heatmaps_png(panels, columns, row_names):
+    """Percent matrices as heatmaps (title, matrix), one above the other, rows named row_names (a row not there
+    yet is drawn empty), with a shared colour scale on the right."""
     font = ImageFont.load_default(size=14)
-    tasks, matrices = results["tasks"], (("score", results["matrix"]), ("instruction following (MIF)", results["mif"]))
-    names = _row_names(results)
-    label_w = max(font.getlength(n) for n in names) + 16
-    cell_w, cell_h, pad = max(72, max(font.getlength(t) for t in tasks) + 14), 30, 12
-    grid_w = cell_w * len(tasks)
-    content_w = max(label_w + grid_w, *(font.getlength(f"{results['method']}: {t}") for t, _ in matrices))
-    panel_h = 2 * cell_h + cell_h * len(names)  # title, task names, zero-shot + the stages
-    width, height = int(pad + content_w + 110), int(pad + 2 * (panel_h + pad))
+    label_w = max(font.getlength(n) for n in row_names) + 16
+    cell_w, cell_h, pad = max(72, max(font.getlength(c) for c in columns) + 14), 30, 12
+    grid_w = cell_w * len(columns)
+    content_w = max(label_w + grid_w, *(font.getlength(title) for title, _ in panels))
+    panel_h = 2 * cell_h + cell_h * len(row_names)  # title, column names, the rows
+    width, height = int(pad + content_w + 110), int(pad + len(panels) * (panel_h + pad))
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    for p, (title, matrix) in enumerate(matrices):
+    for p, (title, matrix) in enumerate(panels):
         top = pad + p * (panel_h + pad)
         left = pad + label_w
-        draw.text((pad, top + 6), f"{results['method']}: {title}", fill="black", font=font)
-        for i, task in enumerate(tasks):
-            draw.text((left + i * cell_w + cell_w / 2, top + 1.5 * cell_h), task, fill="black", font=font, anchor="mm")
-        for t, name in enumerate(names):
+        draw.text((pad, top + 6), title, fill="black", font=font)
+        for i, column in enumerate(columns):
+            draw.text((left + i * cell_w + cell_w / 2, top + 1.5 * cell_h), column, fill="black", font=font,
+                      anchor="mm")
+        for t, name in enumerate(row_names):
             y = top + (2 + t) * cell_h
             draw.text((left - 8, y + cell_h / 2), name, fill="black", font=font, anchor="rm")
-            row = matrix[t] if t < len(matrix) else [None] * len(tasks)
+            row = matrix[t] if t < len(matrix) else [None] * len(columns)
             for i, value in enumerate(row):
                 box = (left + i * cell_w, y, left + (i + 1) * cell_w - 1, y + cell_h - 1)
                 fill = (225, 225, 225) if value is None else _colour(value)
@@ -729,6 +737,56 @@ def write_comparison(folder, runs):
         raise ValueError(f"a comparison needs runs on the same tasks, got {[r['tasks'] for r in runs]}")
     write_atomic(os.path.join(folder, "compare.md"), _comparison_markdown(runs))
     write_atomic(os.path.join(folder, "compare.png"), _comparison_png(runs))
+
+
+# ----------------------------------------------------------------------------------------------
+# SMoLoRA's routing: which tasks reach the same experts (routing.md, routing.png).
+
+POOLS = ("visual understanding (VU)", "instruction following (IF)")
+
+
+def routing_overlap(picks, pool):
+    """For each pair of tasks (i, j), the chance in % that a sample of i and a sample of j are sent to the same
+    expert of `pool` (0: VU, 1: IF) at a layer, averaged over the layers:
+
+        overlap(i, j) = 100 * mean_l sum_e u_i(l, e) u_j(l, e)    u_i(l, e): the share of i's samples sent to e at l
+
+    picks: {task: per sample, per layer, the expert picked in each pool [VU, IF]}. Tasks that share experts
+    share their updates too: a later task's tuning rewrites what an earlier one learned there."""
+    shares = {}
+    for task, samples in picks.items():
+        if not samples:
+            raise ValueError(f"routing of {task}: no samples")
+        shares[task] = [{e: n / len(samples) for e, n in Counter(s[l][pool] for s in samples).items()}
+                        for l in range(len(samples[0]))]
+    return [[100.0 * sum(sum(p * b.get(e, 0.0) for e, p in a.items()) for a, b in zip(shares[i], shares[j]))
+             / len(shares[i]) for j in picks] for i in picks]
+
+
+def _routing_markdown(method, picks, pool_size):
+    tasks, layers = list(picks), len(next(iter(picks.values()))[0])
+    lines = [f"# {method}: which experts the routers pick, after the last stage", "",
+             f"Overlap (%): the chance that a test sample of the row's task and one of the column's task are sent to "
+             f"the same expert of the pool, averaged over the {layers} SMoLoRA layers (`eval.routing_overlap`). "
+             f"100: the two tasks tune and use the same experts everywhere; {100 / pool_size:.0f}: what "
+             f"routing at random over {pool_size} experts would give. A task's overlap with itself below 100 means "
+             f"its own samples are spread over several experts.", ""]
+    for pool, name in enumerate(POOLS):
+        overlap = routing_overlap(picks, pool)
+        lines += [f"## {name} pool", "", "| | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+        lines += [f"| {task} | " + " | ".join(_cell(v) for v in row) + " |" for task, row in zip(tasks, overlap)]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_routing(run_dir, method, picks, pool_size):
+    """routing.md and routing.png in run_dir: the VU and IF pools' overlap between every pair of tasks.
+    picks as routing_overlap takes them; pool_size the experts in each pool (E/2)."""
+    tasks = list(picks)
+    panels = [(f"{method}: {name} pool, % same expert", routing_overlap(picks, pool))
+              for pool, name in enumerate(POOLS)]
+    write_atomic(os.path.join(run_dir, "routing.md"), _routing_markdown(method, picks, pool_size))
+    write_atomic(os.path.join(run_dir, "routing.png"), _heatmaps_png(panels, tasks, tasks))
 
 
 def main(argv=None):

@@ -297,10 +297,16 @@ def add_adapters(model, method, targets=None, **hparams):
 
 
 def instruction_embedding(model, input_ids, ins_mask):
-    """f(X_ins) (ours): the mean of the frozen input embeddings over the instruction's tokens.  (B, d)"""
+    """f(X_ins) (ours): the mean of the frozen input embeddings over the instruction's tokens, centred on the
+    vocabulary's mean embedding.  (B, d)
+
+    Centred because token embeddings share one large common direction (the tiny model's mean embedding is 3/4 of
+    a token's norm): uncentred, every instruction's mean points along it, and the IF router sent all of CoIN's
+    instructions to the same expert in every layer (README, "Results")."""
+    table = model.get_input_embeddings()
     with torch.no_grad():
-        embeddings = model.get_input_embeddings()(input_ids).float()  # (B, L, d)
-    m = ins_mask.to(embeddings.dtype).unsqueeze(-1)                   # (B, L, 1)
+        embeddings = table(input_ids).float() - table.weight.float().mean(dim=0)   # e(x) - mean_v e(v)  (B, L, d)
+    m = ins_mask.to(embeddings.dtype).unsqueeze(-1)                                  # (B, L, 1)
     return (embeddings * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
 
 
@@ -319,6 +325,24 @@ def route_batch(model, batch):
     if any(isinstance(m, SMoLoRALinear) for m in model.modules()):
         set_routing(model, batch["attention_mask"],
                     instruction_embedding(model, batch["input_ids"], batch["ins_mask"]))
+
+
+@torch.no_grad()
+def routing_picks(model, processor, records, batch_size):
+    """Where SMoLoRA's routers send each record: per record, per SMoLoRA layer, the top expert of the VU pool
+    and of the IF pool, each numbered within its pool: nested lists (N, layers, 2), for eval.write_routing."""
+    layers = [m for m in model.modules() if isinstance(m, SMoLoRALinear)]
+    collate, picks, was_training = data.Collator(processor, train=False), [], model.training
+    model.eval()   # no dropout: it would change what later layers' routers see
+    for start in range(0, len(records), batch_size):
+        batch = {k: v.to(model.device) for k, v in collate(records[start:start + batch_size]).items()}
+        route_batch(model, batch)
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              pixel_values=batch["pixel_values"].to(model.dtype))           # the prompt routes every layer
+        experts = torch.stack([m.routing[0][:, :, 0] for m in layers], dim=1)  # the top-1 of each pool (B, layers, 2)
+        picks += (experts % (layers[0].num_experts // 2)).tolist()
+    model.train(was_training)
+    return picks
 
 
 def adapter_state_dict(model):
@@ -739,6 +763,9 @@ def run(cfg, progress=True):
         if method == "ewc" and stage < len(stages):     # F and theta* for the next tasks (recomputed on resume)
             ewc = consolidate(model, processor, train[name], ewc)
         evaluate_row(stage)
+    if method == "smolora":   # which tasks share experts, and so each other's updates
+        picks = {t: routing_picks(model, processor, test[t], cfg["batch_size"]) for t in tasks + unseen}
+        eval.write_routing(out, method, picks, cfg["experts"] // 2)
     return json.loads((out / "results.json").read_text())
 
 

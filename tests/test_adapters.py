@@ -5,7 +5,7 @@ import torch.nn as nn
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from smolora import (LoRALinear, MoELoRALinear, SMoLoRALinear, add_adapters, adapter_state_dict,
-                     load_adapter_state_dict, route_batch, set_routing)
+                     instruction_embedding, load_adapter_state_dict, route_batch, set_routing)
 
 IMAGE_TOKEN, IMAGE_TOKENS = 63, 16   # a 32x32 image in patches of 8: 16 image tokens
 
@@ -214,6 +214,16 @@ def test_set_routing_reaches_every_smolora_layer():
     layers = {n: m for n, m in model.named_modules() if isinstance(m, SMoLoRALinear)}
     assert len(layers) == 8 and all(m.routing_ins is ins for m in layers.values())
     assert all((m.routing_mask is None) == ("projector" in n) for n, m in layers.items())
+
+
+def test_instruction_embedding_is_the_centred_mean_over_the_instruction_tokens():
+    model, batch = tiny_llava(), tiny_batch()
+    table = model.get_input_embeddings().weight.detach()
+    centre = sum(table[v] for v in range(table.shape[0])) / table.shape[0]
+    batch["ins_mask"][1, -4:-2] = False                                 # the second instruction: 2 tokens
+    for b, ins in enumerate(instruction_embedding(model, batch["input_ids"], batch["ins_mask"])):
+        tokens = [batch["input_ids"][b, i] for i in range(batch["input_ids"].shape[1]) if batch["ins_mask"][b, i]]
+        torch.testing.assert_close(ins, sum(table[t] - centre for t in tokens) / len(tokens))
 
 
 @pytest.mark.parametrize("make, message", [

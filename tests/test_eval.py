@@ -377,3 +377,26 @@ def test_rescore_checks_question_ids_against_the_test_records(tiny, tmp_path):
     E.save_predictions(run / "predictions" / "stage1" / "scienceqa.jsonl", predictions[:4])
     with pytest.raises(ValueError, match="question ids do not match the 5 test records of scienceqa"):
         E.rescore_run(run)
+
+
+# ---------------------------------------------------------------- SMoLoRA's routing report
+
+# two samples of a, one of b; two layers; each pick is [VU expert, IF expert]
+PICKS = {"a": [[[0, 1], [2, 0]], [[1, 1], [2, 0]]], "b": [[[0, 1], [3, 1]]]}
+
+
+def test_routing_overlap_by_hand():
+    # VU, layer 1: a half on 0, half on 1; b on 0 -> a.b = 0.5, a.a = 0.5. Layer 2: a on 2, b on 3 -> 0; a.a = 1
+    assert sum(E.routing_overlap(PICKS, 0), []) == pytest.approx([75.0, 25.0, 25.0, 100.0])
+    # IF: layer 1 all on 1 -> 1; layer 2 a on 0, b on 1 -> 0
+    assert sum(E.routing_overlap(PICKS, 1), []) == pytest.approx([100.0, 50.0, 50.0, 100.0])
+
+
+def test_write_routing_files(tmp_path):
+    E.write_routing(tmp_path, "smolora", PICKS, pool_size=4)
+    md = (tmp_path / "routing.md").read_text()
+    assert "| a | 75.00 | 25.00 |" in md and "| b | 50.00 | 100.00 |" in md and "2 SMoLoRA layers" in md
+    with Image.open(tmp_path / "routing.png") as png:
+        png.load()
+        assert png.format == "PNG" and png.width > 200
+    assert sorted(os.listdir(tmp_path)) == ["routing.md", "routing.png"]

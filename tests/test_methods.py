@@ -107,6 +107,34 @@ def test_comparison_files(micro):
         assert png.format == "PNG" and png.width > 600
 
 
+def test_smolora_reports_where_its_routers_send_each_task(micro):
+    assert [m for m in smolora.METHODS if (micro / "compare" / m / "routing.md").exists()] == ["smolora"]
+    model, processor = smolora.load_model(micro / "model")
+    smolora.add_adapters(model, "smolora", r=8, alpha=16, num_experts=4)
+    smolora.load_adapter_state_dict(model, smolora.safetensors.torch.load_file(
+        micro / "compare" / "smolora" / "adapters" / "stage2.safetensors"))
+    records = data.load_records(micro / "data", "gqa", "test", "diverse")
+    picks = smolora.routing_picks(model, processor, records, batch_size=4)
+    # by hand, one record at a time: each layer's input x, argmax R_vu . mean_t x_t and argmax R_if . f(X_ins)
+    layers = [m for m in model.modules() if isinstance(m, smolora.SMoLoRALinear)]
+    inputs = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for m in layers]
+    for record, expected in zip(records, picks):
+        inputs.clear()
+        batch = data.Collator(processor, train=False)([record])
+        ins = smolora.instruction_embedding(model, batch["input_ids"], batch["ins_mask"])[0]
+        smolora.route_batch(model, batch)
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  pixel_values=batch["pixel_values"])
+            assert expected == [[int(m.vu_router(x[0].mean(dim=0)).argmax()), int(m.if_router(ins).argmax())]
+                                for m, x in zip(layers, inputs)]
+    for hook in hooks:
+        hook.remove()
+    saved = (micro / "compare" / "smolora" / "routing.md").read_text()
+    assert "| gqa | " in saved and "8 SMoLoRA layers" in saved
+
+
 # stage 1 has 2 steps: call 3 is stage 2's first (killed between stages), call 4 its second (after a checkpoint)
 @pytest.mark.parametrize("method, at_call", [("replay", 4), ("ewc", 3), ("ewc", 4), ("olora", 3), ("olora", 4),
                                              ("dirlora", 3)])
