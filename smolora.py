@@ -149,6 +149,13 @@ class MoELoRALinear(nn.Module):
         return h + (self.scaling * z @ B_all.T).to(h.dtype)         # + s sum_e g_e B_e A_e x
 
 
+def pick(stacked, experts):
+    """stacked[experts]: the weights (E, ...) of the experts (B, 2, k) each sample keeps, by index_select, whose
+    backward adds in a fixed order; stacked[experts]'s adds in parallel in no fixed order on CPU, and two
+    identical SMoLoRA runs came out different."""
+    return stacked.index_select(0, experts.flatten()).unflatten(0, experts.shape)
+
+
 class SMoLoRALinear(nn.Module):
     """SMoLoRA: a separable mixture of LoRA, two pools of E/2 experts and two routers (DESIGN.md 2.3).
 
@@ -221,11 +228,11 @@ class SMoLoRALinear(nn.Module):
         experts, gates = self.route(x, mask, ins)                      # (B, 2, k)
         rank = self.lora_A.shape[1]
         # Stacked form: gather each sample's kept experts, one batched matmul for all their A, one for all B.
-        A = self.lora_A[experts].flatten(1, 3)                         # (B, 2*k*rank, in)
+        A = pick(self.lora_A, experts).flatten(1, 3)                   # (B, 2*k*rank, in)
         z = torch.bmm(self.dropout(x), A.transpose(1, 2))              # A_i x                (B, L, 2*k*rank)
         z = z.unflatten(-1, (2, self.top_k, rank)) * (self.scaling * gates)[:, None, :, :, None]
         z = z.flatten(-2)                                              # G_i s A_i x, VU | IF (B, L, 2, k*rank)
-        B = self.lora_B[experts].transpose(-1, -2).flatten(2, 3)      # B_i^T, VU | IF       (B, 2, k*rank, out)
+        B = pick(self.lora_B, experts).transpose(-1, -2).flatten(2, 3)  # B_i^T, VU | IF       (B, 2, k*rank, out)
         # I . x_pool = (I B_pool) . z_pool: the fusion logits are read in the rank space, so x_vu and x_if
         # (B, L, out) each) are never built apart (ours, exactly equal, about a third of the layer's time).
         I = torch.stack([self.fuse_vu.weight, self.fuse_if.weight])   # I_vu, I_if           (2, 1, out)

@@ -142,6 +142,24 @@ def test_smolora_equals_the_naive_formula(top_k):
     torch.testing.assert_close(layer(x, mask, ins), naive_smolora(layer, x, mask, ins))
 
 
+def test_smolora_backward_is_the_same_bit_for_bit_every_time():
+    """With several threads, lora_A[experts]'s backward added in no fixed order: identical runs differed (this
+    caught that indexing in most runs; index_select always passes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    layer = SMoLoRALinear(nn.Linear(128, 384), r=32, alpha=64, num_experts=8, ins_dim=128, dropout=0.0)
+    nn.init.normal_(layer.lora_B, std=0.1)
+    x, ins = torch.randn(256, 4, 128), torch.randn(256, 128)   # many samples per expert: many adds
+    grads = []
+    for _ in range(12):
+        layer.zero_grad()
+        layer(x, ins=ins).square().sum().backward()
+        grads.append(torch.cat([layer.lora_A.grad.flatten(), layer.lora_B.grad.flatten()]))
+    torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
 def test_smolora_sample_is_independent_of_its_batch_and_padding():
     layer = smolora_layer(top_k=1)
     x, ins = torch.randn(1, 4, 6), torch.randn(1, 7)
