@@ -312,8 +312,9 @@ def instruction_embedding(model, input_ids, ins_mask):
     instructions to the same expert in every layer (README, "Results")."""
     table = model.get_input_embeddings()
     with torch.no_grad():
-        embeddings = table(input_ids).float() - table.weight.float().mean(dim=0)   # e(x) - mean_v e(v)  (B, L, d)
-    m = ins_mask.to(embeddings.dtype).unsqueeze(-1)                                  # (B, L, 1)
+        centre = table.weight.mean(dim=0, dtype=torch.float32)     # mean_v e(v), with no fp32 copy of the table
+        embeddings = table(input_ids).float() - centre             # e(x) - mean_v e(v)  (B, L, d)
+    m = ins_mask.to(embeddings.dtype).unsqueeze(-1)                # (B, L, 1)
     return (embeddings * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
 
 
