@@ -1,11 +1,12 @@
 """Evaluation: per-task scoring, instruction following, continual metrics, generation and the report.
 
 Read top to bottom: answer normalisation and the scorers of DESIGN.md section 5, `score` / `task_score`,
-the instruction-following check behind MIF, the continual metrics of section 6, batched greedy generation,
-the report a person reads (results.json, matrix.md, matrix.png, with the dual-forgetting split), the
-comparison of methods (compare.md, compare.png), and which tasks SMoLoRA's routers send to the same experts
-(routing.md, routing.png). `python eval.py RUN_DIR` re-scores a run's saved predictions and rewrites its
-report, so a scorer fix never needs retraining.
+the instruction-following check behind MIF, knowledge whatever the format (section 5b: a rule judge, and CoIN's
+LLM judge), the continual metrics of section 6, batched greedy generation, the report a person reads
+(results.json, matrix.md, matrix.png, with the dual-forgetting split), the comparison of methods (compare.md,
+compare.png), and which tasks SMoLoRA's routers send to the same experts (routing.md, routing.png).
+`python eval.py RUN_DIR [--judge MODEL]` re-scores a run's saved predictions and rewrites its report, so a scorer
+fix never needs retraining.
 
 The official code's quirks (DESIGN.md section 5) are not copied: an empty prediction is wrong everywhere,
 no digit of a box is dropped, and matching is never case-sensitive.
@@ -77,6 +78,12 @@ def normalize_answer(s):
     text = re.sub(r"\.(?!\d)", "", text)  # a period not followed by a digit (the official regex, in effect)
     words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
+
+
+def _contains(text, phrase):
+    """Whether the normalised phrase occurs as whole words in the normalised text."""
+    phrase = normalize_answer(phrase)
+    return bool(phrase) and f" {phrase} " in f" {normalize_answer(text)} "
 
 
 def vqa_accuracy(prediction, answers):
@@ -214,12 +221,11 @@ def score(task, prediction, answer):
         return float(parse_letter(prediction) == answer.strip())
     if scorer == "vqa":
         return vqa_accuracy(prediction, answer)
-    if scorer in ("exact", "contains"):
+    if scorer == "exact":
         predicted = normalize_answer(prediction)
-        truths = [normalize_answer(a) for a in _as_list(answer)]
-        if scorer == "exact":
-            return float(bool(predicted) and predicted in truths)
-        return float(bool(predicted) and any(f" {t} " in f" {predicted} " for t in truths))  # whole words
+        return float(bool(predicted) and predicted in [normalize_answer(a) for a in _as_list(answer)])
+    if scorer == "contains":
+        return float(any(_contains(prediction, a) for a in _as_list(answer)))  # whole words
     if scorer == "iou":
         truth = parse_bbox(answer) if isinstance(answer, str) else answer
         if truth is None or len(truth) != 4:
@@ -277,16 +283,6 @@ STOP_WORDS = set("a an the is are was were be of to in on at by for with and or 
 ANY_BOX = re.compile(r"[\[(]" + ",".join([NUMBER] * 4) + r"[\])]")
 
 
-def _contains(text, phrase):
-    """Whether the normalised phrase occurs as whole words in the normalised text."""
-    phrase = normalize_answer(phrase)
-    return bool(phrase) and f" {phrase} " in f" {normalize_answer(text)} "
-
-
-def _content_words(text):
-    return set(re.findall(r"\w+(?:'\w+)*", text.lower())) - STOP_WORDS
-
-
 def knowledge(task, prediction, answer, prompt=""):
     """Whether the prediction's CONTENT is right, whatever its format: a rule judge in [0, 1].
 
@@ -304,44 +300,31 @@ def knowledge(task, prediction, answer, prompt=""):
         options = dict(re.findall(r"^\(?([A-Z])[.)] *(.+?) *$", prompt, re.M))
         named = {m.group(1) for m in re.finditer(r"\b([A-Z])\b", prediction)
                  if not re.match(r"A [a-z]", prediction[m.start():])} & set(options or string.ascii_uppercase)
-        named |= {letter for letter, text in options.items() if _contains(prediction, text)}
-        return float(named == {answer.strip()})
+        return float(named | {k for k, text in options.items() if _contains(prediction, text)} == {answer.strip()})
     if kind == "phrase":
         return _human_agreement([_contains(prediction, a) for a in _as_list(answer)])
     if kind == "bbox":
         truth = parse_bbox(answer) if isinstance(answer, str) else answer
         boxes = [[float(v) for v in m.groups()] for m in ANY_BOX.finditer(prediction)]
         return float(bool(boxes) and all(iou(box, truth) > 0.5 for box in boxes))
-    said = _content_words(prediction)
-    return max((len(_content_words(r) & said) / len(_content_words(r)) for r in _as_list(answer)
-                if _content_words(r)), default=0.0)
+    said = set(re.findall(r"\w+", prediction.lower()))
+    wanted = [set(re.findall(r"\w+", r.lower())) - STOP_WORDS for r in _as_list(answer)]
+    return max((len(words & said) / len(words) for words in wanted if words), default=0.0)
 
 
-# CoIN's LLM judge, word for word (DESIGN.md section 5b). It sees no image. ours, not CoIN's quirks: greedy decoding
+# CoIN's LLM judge, word for word (DESIGN.md section 5b); it sees no image. ours, not CoIN's quirks: greedy decoding
 # (CoIN samples: temperature 0.7, top_p 0.8); the question is the prompt without its instruction
 # (data.find_instruction: CoIN drops the last line, which empties grounding's question and keeps VizWiz's first
 # instruction line); the system message CoIN wrote (its run overwrote it with "You are a helpful assistant.").
 JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
-JUDGE_PROMPT = """[Context]
-[Question]
-{question}
-
-[Ground truth answer]
-{answer}
-
-[End of ground truth answer]
-
-[Assistant]
-{prediction}
-
-[End of Assistant]
-
-[System]
-We would like to request your feedback on the performance of an AI assistants in response to the user question \
-displayed above.
-Please rate the accuracy of its responses according to the ground truth answer displayed above. The assistant \
-receives an overall score on a scale of 0 to 10, where a higher score indicates better overall performance.
-Please output a single line containing only a values indicating the scores for the Assistant."""
+JUDGE_PROMPT = (
+    "[Context]\n[Question]\n{question}\n\n[Ground truth answer]\n{answer}\n\n[End of ground truth answer]\n\n"
+    "[Assistant]\n{prediction}\n\n[End of Assistant]\n\n[System]\n"
+    "We would like to request your feedback on the performance of an AI assistants in response to the user question "
+    "displayed above.\nPlease rate the accuracy of its responses according to the ground truth answer displayed "
+    "above. The assistant receives an overall score on a scale of 0 to 10, where a higher score indicates better "
+    "overall performance.\nPlease output a single line containing only a values indicating the scores for the "
+    "Assistant.")
 
 
 def parse_judge_score(reply):
@@ -365,15 +348,13 @@ def judge_messages(task, prediction):
 
 
 def load_judge(name, device="cpu", dtype="float32"):
-    """A causal LM (local folder or hub id) and its tokenizer, left-padding, for judge_replies."""
+    """A causal LM (a folder or hub id) and its tokenizer, padding on the left, for judge_replies."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype)).to(device)
     except (OSError, ValueError) as e:
         raise ValueError(f"--judge {name!r}: cannot load a causal LM and its tokenizer ({str(e).splitlines()[0]})"
                          ) from None
-    if tokenizer.chat_template is None:
-        raise ValueError(f"--judge {name!r}: its tokenizer has no chat template")
     tokenizer.padding_side = "left"  # every prompt ends at the same column, the replies start after it
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     return model.eval(), tokenizer
@@ -613,14 +594,6 @@ def _colour(value):
     return tuple(round(a + (b - a) * (x - i)) for a, b in zip(COLOUR_STOPS[i], COLOUR_STOPS[i + 1]))
 
 
-def _heatmap_png(results):
-    """Score, MIF and knowledge as heatmaps, one above the other, with a shared colour scale on the right."""
-    panels = [(f"{results['method']}: score", results["matrix"]),
-              (f"{results['method']}: instruction following (MIF)", results["mif"]),
-              (f"{results['method']}: knowledge ({_judge_name(results)})", results["knowledge"])]
-    return _heatmaps_png(panels, results["tasks"], _row_names(results))
-
-
 def _heatmaps_png(panels, columns, row_names):
     """Percent matrices as heatmaps (title, matrix), one above the other, rows named row_names (a row not there
     yet is drawn empty), with a shared colour scale on the right."""
@@ -673,13 +646,12 @@ def dual_forgetting(task, before, after, known=None):
     1 and 5b), in points. With d(s) = score_before(s) - score_after(s) and k(s) the final answer's knowledge:
 
         drop                        = (100/n) sum_s d(s)
-        format_broke_knowledge_kept = (100/n) sum of k(s) d(s) over the samples whose final answer fails
+        format_broke_knowledge_kept = (100/n) sum_s k(s) d(s) over the samples whose final answer fails
                                       follows_instruction: the content is still there, the alignment was lost
-        format_broke_knowledge_lost = the same samples' (1 - k(s)) d(s)
-        format_held                 = the sum of d(s) over the samples that keep the format: the skill forgotten
-    so the three add up to the drop, and for all but caption tasks drop = A[i][i] - A[T][i]. known: k(s) in [0, 1]
-    for each sample of after, in order (default the rule judge `knowledge`). Samples are paired by question_id;
-    `score` per sample (for captions the pair CIDEr-D, not the corpus one).
+        format_broke_knowledge_lost = (100/n) sum_s (1 - k(s)) d(s) over the same samples
+        format_held                 = (100/n) sum_s d(s) over those that keep the format: the skill forgotten
+    so the three add up to the drop, and for all but caption tasks drop = A[i][i] - A[T][i]. known: k(s) of each
+    sample of after, in order (default: the rule judge). Samples are paired by question_id; `score` per sample.
     """
     earlier = {str(p["question_id"]): p["text"] for p in before}
     if sorted(earlier) != sorted(str(p["question_id"]) for p in after) or not after:
@@ -696,6 +668,10 @@ def dual_forgetting(task, before, after, known=None):
     return {"drop": sum(split.values()), **split}
 
 
+def _predictions_path(run_dir, stage, task):
+    return os.path.join(run_dir, "predictions", f"stage{stage}", f"{task}.jsonl")
+
+
 def _dual_forgetting(run_dir, results):
     """dual_forgetting of each earlier task of a finished continual run, from its saved predictions; else {}."""
     tasks, T = results["tasks"], len(results["tasks"])
@@ -703,21 +679,12 @@ def _dual_forgetting(run_dir, results):
         return {}
     found = {}
     for i, task in enumerate(tasks[:-1]):
-        before, after = (os.path.join(run_dir, "predictions", f"stage{t}", f"{task}.jsonl") for t in (i + 1, T))
+        before, after = _predictions_path(run_dir, i + 1, task), _predictions_path(run_dir, T, task)
         if os.path.isfile(before) and os.path.isfile(after):
             final = load_predictions(after)
             found[task] = dual_forgetting(task, load_predictions(before), final,
                                           _known(task, final, after, results.get("knowledge_judge")))
     return found
-
-
-def _prediction_files(run_dir, results):
-    """(t, i, task, path) of each evaluated cell of the run's matrix whose predictions are saved."""
-    for t, row in enumerate(results["matrix"]):
-        for i, (task, cell) in enumerate(zip(results["tasks"], row)):
-            path = os.path.join(run_dir, "predictions", f"stage{t}", f"{task}.jsonl")
-            if cell is not None and os.path.isfile(path):
-                yield t, i, task, path
 
 
 def _judged(path, judge):
@@ -728,44 +695,13 @@ def _judged(path, judge):
 
 
 def _known(task, predictions, path=None, judge=None):
-    """Each prediction's knowledge in [0, 1]: by the rule judge, or the LLM judge's cached score / 10."""
+    """Each prediction's knowledge in [0, 1]: the rule judge's, or the LLM judge's cached score / 10."""
     if judge is None:
         return [knowledge(task, p["text"], p["answer"], p.get("prompt", "")) for p in predictions]
     replies = _judged(path, judge)
-    try:
-        return [parse_judge_score(replies[str(p["question_id"]), p["text"]]) / 10 for p in predictions]
-    except KeyError:
-        raise ValueError(f"{path}: some predictions not judged by {judge}; run: eval.py RUN_DIR --judge {judge}"
-                         ) from None
-
-
-def judge_run(run_dir, results, judge, device="cpu", dtype="float32"):
-    """Have the causal LM `judge` rate each saved prediction of the run's tasks it has not rated yet, and cache its
-    replies beside them, in predictions/stage<t>/<task>.judge.jsonl ({"question_id", "text", "answer", "judge",
-    "reply"}), a file at a time: a rerun costs nothing, and only a changed prediction is judged again."""
-    model = tokenizer = None
-    for t, _, task, path in _prediction_files(run_dir, results):
-        predictions, replies = load_predictions(path), _judged(path, judge)
-        pending = [p for p in predictions if (str(p["question_id"]), p["text"]) not in replies]
-        if not pending:
-            continue
-        if model is None:
-            model, tokenizer = load_judge(judge, device, dtype)
-        chats = [judge_messages(task, p) for p in pending]
-        for p, reply in zip(pending, judge_replies(model, tokenizer, chats, desc=f"judging stage{t} {task}")):
-            replies[str(p["question_id"]), p["text"]] = reply
-        save_predictions(path[:-len(".jsonl")] + ".judge.jsonl", [
-            {**{k: p[k] for k in ("question_id", "text", "answer")}, "judge": judge,
-             "reply": replies[str(p["question_id"]), p["text"]]} for p in predictions])
-
-
-def _knowledge_matrix(run_dir, results):
-    """Knowledge in percent, shaped as the matrix: the mean of each evaluated cell's `_known`."""
-    matrix = [[None] * len(row) for row in results["matrix"]]
-    for t, i, task, path in _prediction_files(run_dir, results):
-        known = _known(task, load_predictions(path), path, results.get("knowledge_judge"))
-        matrix[t][i] = 100.0 * sum(known) / len(known) if known else None
-    return matrix
+    if any((str(p["question_id"]), p["text"]) not in replies for p in predictions):
+        raise ValueError(f"{path}: some predictions are not judged by {judge}; run: eval.py RUN_DIR --judge {judge}")
+    return [parse_judge_score(replies[str(p["question_id"]), p["text"]]) / 10 for p in predictions]
 
 
 def _judge_name(results):
@@ -773,9 +709,34 @@ def _judge_name(results):
     return f"LLM judge {judge}, score x 10" if judge else "rule judge eval.knowledge"
 
 
+def judge_run(run_dir, results, judge, device="cpu", dtype="float32"):
+    """Have the causal LM `judge` rate each saved prediction of the run's tasks that it has not rated yet, and cache
+    its replies beside them, a file at a time, in predictions/stage<t>/<task>.judge.jsonl ({"question_id", "text",
+    "answer", "judge", "reply"}): a rerun costs nothing, and only a changed prediction is judged again."""
+    model = tokenizer = None
+    for t, task, path in _evaluated(run_dir, results):
+        predictions, replies = load_predictions(path), _judged(path, judge)
+        pending = [p for p in predictions if (str(p["question_id"]), p["text"]) not in replies]
+        if pending:
+            model, tokenizer = (model, tokenizer) if model else load_judge(judge, device, dtype)
+            chats = [judge_messages(task, p) for p in pending]
+            for p, reply in zip(pending, judge_replies(model, tokenizer, chats, desc=f"judging stage{t} {task}")):
+                replies[str(p["question_id"]), p["text"]] = reply
+            save_predictions(path[:-len(".jsonl")] + ".judge.jsonl", [
+                {**{k: p[k] for k in ("question_id", "text", "answer")}, "judge": judge,
+                 "reply": replies[str(p["question_id"]), p["text"]]} for p in predictions])
+
+
+def _evaluated(run_dir, results):
+    """(stage, task, path) of each evaluated cell of the run's matrix whose predictions are saved."""
+    return [(t, task, _predictions_path(run_dir, t, task)) for t, row in enumerate(results["matrix"])
+            for task, cell in zip(results["tasks"], row)
+            if cell is not None and os.path.isfile(_predictions_path(run_dir, t, task))]
+
+
 def write_report(run_dir, results):
-    """Write results.json (DESIGN.md section 8), matrix.md and matrix.png into run_dir, each atomically;
-    return the results as written.
+    """Write results.json (DESIGN.md section 8), matrix.md and matrix.png (score, MIF and knowledge as heatmaps)
+    into run_dir, each atomically; return the results as written.
 
     results: {"method", "tasks", "config", "matrix", "mif", "seconds"} and optionally "stages" (what each stage
     tuned on, default the tasks), "notes" (a line on the method) and "unseen" ({"tasks", "matrix", "mif"} of
@@ -793,13 +754,18 @@ def write_report(run_dir, results):
             if len(table[name][0]) != len(tasks) or len(table[name]) > rows:
                 raise ValueError(f"{prefix}{name} is {len(table[name])}x{len(table[name][0])}; expected at most "
                                  f"{rows} rows (zero-shot + one per stage) of {len(tasks)} tasks")
-    knowledge_matrix = _knowledge_matrix(run_dir, results)
-    results = {**results, "knowledge": knowledge_matrix,
-               "metrics": run_metrics(results["matrix"], results["mif"], rows - 1, knowledge_matrix),
+    known = [[None] * len(row) for row in results["matrix"]]  # knowledge in percent, shaped as the matrix
+    for t, task, path in _evaluated(run_dir, results):
+        cell = _known(task, load_predictions(path), path, results.get("knowledge_judge"))
+        known[t][results["tasks"].index(task)] = 100.0 * sum(cell) / len(cell) if cell else None
+    results = {**results, "knowledge": known,
+               "metrics": run_metrics(results["matrix"], results["mif"], rows - 1, known),
                "dual_forgetting": _dual_forgetting(run_dir, results)}
     write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2) + "\n")
     write_atomic(os.path.join(run_dir, "matrix.md"), _markdown(results))
-    write_atomic(os.path.join(run_dir, "matrix.png"), _heatmap_png(results))
+    panels = [(f"{results['method']}: score", results["matrix"]), (f"{results['method']}: instruction following "
+              f"(MIF)", results["mif"]), (f"{results['method']}: knowledge ({_judge_name(results)})", known)]
+    write_atomic(os.path.join(run_dir, "matrix.png"), _heatmaps_png(panels, results["tasks"], _row_names(results)))
     return results
 
 
@@ -835,7 +801,7 @@ def rescore_run(run_dir, judge=None, device="cpu", dtype="float32"):
                 records = data.load_records(data_root, task, "test")[:config.get("max_test")]  # the run's share
                 test_ids = Counter(str(r["id"]) for r in records)
             for t in range(rows):
-                pred_path = os.path.join(run_dir, "predictions", f"stage{t}", f"{task}.jsonl")
+                pred_path = _predictions_path(run_dir, t, task)
                 if not os.path.isfile(pred_path):
                     continue
                 predictions = load_predictions(pred_path)

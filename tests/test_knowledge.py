@@ -217,6 +217,15 @@ def test_llm_judge_end_to_end(tiny_judge, tmp_path, monkeypatch):
         raise AssertionError("the judge was loaded although every prediction is cached")
     monkeypatch.setattr(E, "load_judge", no_model)
     assert E.rescore_run(run, tiny_judge)["knowledge"] == saved["knowledge"]
+    # the cached replies are what is scored: hand-written ones give knowledge (8 + 10) / 2 x 10 = 90, and weigh
+    # the split: "square" (format broken) judged 3 -> 0.3 x 50 kept, 0.7 x 50 lost
+    for task, replies in (("gqa", ["8", "Score: 10"]), ("scienceqa", ["3", "I'd say 0."])):
+        path = run / "predictions" / "stage2" / f"{task}.judge.jsonl"
+        E.save_predictions(path, [{**c, "reply": r} for c, r in zip(E.load_predictions(path), replies)])
+    results = E.rescore_run(run, tiny_judge)
+    assert results["knowledge"][2] == [15.0, 90.0] and results["metrics"]["GK"] == 52.5
+    assert results["dual_forgetting"]["scienceqa"] == pytest.approx({
+        "drop": 100.0, "format_broke_knowledge_kept": 15.0, "format_broke_knowledge_lost": 35.0, "format_held": 50.0})
     monkeypatch.undo()
     changed = E.load_predictions(run / "predictions" / "stage1" / "scienceqa.jsonl")
     changed[0]["text"] = "circle"
