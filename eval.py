@@ -30,10 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import data
 
 
-def _task(name):
-    if name not in data.TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(data.TASKS)}")
-    return data.TASKS[name]
+_task = data.get_task  # the task's row of data.TASKS, or a one-line error naming the known ones
 
 
 def _as_list(answer):
@@ -705,8 +702,7 @@ def _known(task, predictions, path=None, judge=None):
 
 
 def _judge_name(results):
-    judge = results.get("knowledge_judge")
-    return f"LLM judge {judge}, score x 10" if judge else "rule judge eval.knowledge"
+    return f"LLM judge {results['knowledge_judge']}, score x 10" if results.get("knowledge_judge") else "rule judge"
 
 
 def judge_run(run_dir, results, judge, device="cpu", dtype="float32"):

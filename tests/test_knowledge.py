@@ -116,7 +116,7 @@ def test_rescoring_an_old_run_adds_knowledge_gk_and_the_split(tmp_path, capsys):
     assert saved["dual_forgetting"] == {"scienceqa": {"drop": 100.0, "format_broke_knowledge_kept": 50.0,
                                                       "format_broke_knowledge_lost": 0.0, "format_held": 50.0}}
     md = (run / "matrix.md").read_text()
-    assert "## Knowledge (%, whatever the format; rule judge eval.knowledge)" in md
+    assert "## Knowledge (%, whatever the format; rule judge)" in md
     assert "| after gqa | 50.00 | 100.00 |" in md and "| scienceqa | 100.00 | 50.00 | 0.00 | 50.00 |" in md
     assert "## Knowledge" in capsys.readouterr().out
     with Image.open(run / "matrix.png") as png:
@@ -162,8 +162,8 @@ def test_judge_messages_are_coins_prompt_without_the_instruction():
     assert user == {"role": "user", "content": (
         "[Context]\n[Question]\nWhat color is this?\n\n[Ground truth answer]\nunanswerable\n\n"
         "[End of ground truth answer]\n\n[Assistant]\nIt is too dark.\n\n[End of Assistant]\n\n" + SYSTEM_TEXT)}
-    grounding = {"prompt": data.compose_text(data.TASKS["grounding"], "the red circle."), "text": "[0.1, 0.2, 0.3, 0.4]",
-                 "answer": BOX}
+    grounding = {"prompt": data.compose_text(data.TASKS["grounding"], "the red circle."),
+                 "text": "[0.1, 0.2, 0.3, 0.4]", "answer": BOX}
     assert "[Question]\nthe red circle.\n\n[Ground truth answer]\n[0.25, 0.50, 0.75, 1.00]\n" in (
         E.judge_messages("grounding", grounding)[1]["content"])
     textvqa = {"prompt": "What does the sign say?\n" + data.PHRASE, "text": "SUN", "answer": ["sup"] * 3 + ["sun"] * 7}
