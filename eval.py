@@ -365,7 +365,8 @@ def judge_replies(model, tokenizer, chats, batch_size=16, desc="judging"):
                  for c in chats[start:start + batch_size]]
         batch = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False).to(model.device)
         with torch.no_grad():
-            output = model.generate(**batch, do_sample=False, max_new_tokens=20, pad_token_id=tokenizer.pad_token_id)
+            output = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    do_sample=False, max_new_tokens=20, pad_token_id=tokenizer.pad_token_id)
         replies += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     return replies
 
@@ -714,7 +715,8 @@ def judge_run(run_dir, results, judge, device="cpu", dtype="float32"):
         predictions, replies = load_predictions(path), _judged(path, judge)
         pending = [p for p in predictions if (str(p["question_id"]), p["text"]) not in replies]
         if pending:
-            model, tokenizer = (model, tokenizer) if model else load_judge(judge, device, dtype)
+            if model is None:
+                model, tokenizer = load_judge(judge, device, dtype)
             chats = [judge_messages(task, p) for p in pending]
             for p, reply in zip(pending, judge_replies(model, tokenizer, chats, desc=f"judging stage{t} {task}")):
                 replies[str(p["question_id"]), p["text"]] = reply
@@ -893,7 +895,7 @@ def _comparison_png(runs):
             label = "-" if all(v is None for v, _ in bar) else f"{end[-1]:.1f}"
             draw.text((x(end[-1]) + (-3 if end[-1] < 0 else 3), y + (bar_h - 8) / 2), label, fill="black", font=font,
                       anchor="rm" if end[-1] < 0 else "lm")
-    legend = tuple(zip(("format broke, knowledge kept", "broke, lost", "format held"), SPLIT_COLOURS))
+    legend = tuple(zip(("format broke, knowledge kept", "format broke, knowledge lost", "format held"), SPLIT_COLOURS))
     left = width - pad - sum(font.getlength(name) + 30 for name, _ in legend)
     for name, colour in legend:
         draw.rectangle((left, height - pad - 12, left + 10, height - pad - 2), fill=colour)
