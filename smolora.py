@@ -229,6 +229,7 @@ class SMoLoRALinear(nn.Module):
         rank = self.lora_A.shape[1]
         # Stacked form: gather each sample's kept experts, one batched matmul for all their A, one for all B.
         A = pick(self.lora_A, experts).flatten(1, 3)                   # (B, 2*k*rank, in)
+        # one dropout mask shared by the kept experts (ours; the official code draws one per expert call)
         z = torch.bmm(self.dropout(x), A.transpose(1, 2))              # A_i x                (B, L, 2*k*rank)
         z = z.unflatten(-1, (2, self.top_k, rank)) * (self.scaling * gates)[:, None, :, :, None]
         z = z.flatten(-2)                                              # G_i s A_i x, VU | IF (B, L, 2, k*rank)
@@ -329,10 +330,14 @@ def set_routing(model, mask, ins):
 
 
 def route_batch(model, batch):
-    """set_routing from a collated batch (input_ids, attention_mask, ins_mask); nothing to do without SMoLoRA."""
+    """set_routing from a collated batch (input_ids, attention_mask, ins_mask, and labels in training); nothing
+    to do without SMoLoRA. Avg(x) runs over the prompt alone, in training as at test, so a sample is trained
+    through the experts that will answer it (ours: the official code averages over the answer too)."""
     if any(isinstance(m, SMoLoRALinear) for m in model.modules()):
-        set_routing(model, batch["attention_mask"],
-                    instruction_embedding(model, batch["input_ids"], batch["ins_mask"]))
+        prompt = batch["attention_mask"]
+        if "labels" in batch:
+            prompt = prompt * (batch["labels"] == -100)                # not the answer tokens nor EOS
+        set_routing(model, prompt, instruction_embedding(model, batch["input_ids"], batch["ins_mask"]))
 
 
 @torch.no_grad()
@@ -552,10 +557,12 @@ def diagonal_fisher(model, processor, records):
     return fisher
 
 
-def consolidate(model, processor, records, previous=None):
-    """ewc after a task: F gains the task's diagonal Fisher and theta* moves to the parameters just learned
-    (online EWC, Schwarz et al. 2018, one penalty for all earlier tasks). Returns (F, theta*)."""
-    fisher = diagonal_fisher(model, processor, records[:EWC_SAMPLES])
+def consolidate(model, processor, records, seed, previous=None):
+    """ewc after a task: F gains the task's diagonal Fisher, on EWC_SAMPLES of its records drawn with the run's
+    seed (a real data file can be ordered by class), and theta* moves to the parameters just learned (online EWC,
+    Schwarz et al. 2018, one penalty for all earlier tasks). Returns (F, theta*)."""
+    sample = random.Random(f"{seed}/fisher").sample(records, min(EWC_SAMPLES, len(records)))
+    fisher = diagonal_fisher(model, processor, sample)
     if previous is not None:
         fisher = {name: f + previous[0][name] for name, f in fisher.items()}
     return fisher, {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
@@ -591,7 +598,7 @@ TINY_DEFAULTS = dict(r=32, alpha=64, experts=8, lr=5e-3, batch_size=32, epochs=8
 PROJECTOR_LR_FACTOR = 0.2                    # SMoLoRA's projector adapters: 2e-5 against 1e-4 (DESIGN.md 2.3)
 # what must agree for --resume to continue a run, or for a rerun to replace it
 RUN_IDENTITY = ("method", "tasks", "model", "data", "seed", "epochs", "lr", "batch_size", "r", "alpha",
-                "experts", "top_k", "max_train", "max_test", "replay_ratio", "ewc_lambda", "olora_lambda",
+                "experts", "top_k", "weight_decay", "max_train", "max_test", "replay_ratio", "ewc_lambda", "olora_lambda",
                 "unseen", "instructions")
 
 
@@ -648,7 +655,8 @@ def train_stage(model, processor, records, cfg, stage, out, name, penalty=None):
         if p.requires_grad:
             (projector if "multi_modal_projector" in parameter_name else llm).append(p)
     optimizer = torch.optim.AdamW([{"params": llm, "lr": cfg["lr"]},
-                                   {"params": projector, "lr": cfg["lr"] * PROJECTOR_LR_FACTOR}], weight_decay=0.0)
+                                   {"params": projector, "lr": cfg["lr"] * PROJECTOR_LR_FACTOR}],
+                                  weight_decay=cfg["weight_decay"])
     schedule = cosine_with_warmup(optimizer, steps)
     torch.manual_seed(cfg["seed"] + stage)          # adapter dropout: the same draws on every run
     checkpoint, start = out / "checkpoint.pt", 0
@@ -769,7 +777,7 @@ def run(cfg, progress=True):
             eval.write_atomic(saved, safetensors.torch.save(adapter_state_dict(model)))
             (out / "checkpoint.pt").unlink(missing_ok=True)
         if method == "ewc" and stage < len(stages):     # F and theta* for the next tasks (recomputed on resume)
-            ewc = consolidate(model, processor, train[name], ewc)
+            ewc = consolidate(model, processor, train[name], cfg["seed"], ewc)
         evaluate_row(stage)
     if method == "smolora":   # which tasks share experts, and so each other's updates
         picks = {t: routing_picks(model, processor, test[t], cfg["batch_size"]) for t in tasks + unseen}
@@ -819,6 +827,8 @@ def parse_args(argv=None):
     p.add_argument("--r", type=int, help="total adapter rank (olora: shared by the tasks, r/T each)")
     p.add_argument("--alpha", type=float, help="LoRA alpha: the scale is alpha / r")
     p.add_argument("--experts", type=int, help="number of experts (MoELoRA, SMoLoRA)")
+    p.add_argument("--weight-decay", type=float, help="AdamW's weight decay (default: 0.01 for smolora on a real "
+                                                      "checkpoint, as its scripts; else 0, as CoIN's)")
     p.add_argument("--top-k", type=int, default=1, help="experts kept per pool by SMoLoRA's routers (paper: 1)")
     p.add_argument("--replay-ratio", type=float, default=REPLAY_RATIO,
                    help="replay: earlier tasks' samples added to each task, as a share of its own records")
@@ -849,6 +859,11 @@ def make_config(args, method=None):
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype {dtype!r} is not allowed: choose float32, bfloat16 or float16")
+    weight_decay = args.weight_decay
+    if weight_decay is None:   # SMoLoRA's scripts 0.01, CoIN's 0; the tiny base learns its tasks without
+        weight_decay = 0.01 if args.model and method == "smolora" else 0.0
+    if weight_decay < 0:
+        raise ValueError(f"--weight-decay {weight_decay} is not allowed: it must be 0 or more")
     for name in ("epochs", "lr", "batch_size", "r", "alpha", "experts", "top_k", "max_train", "max_test",
                  "replay_ratio", "ewc_lambda", "olora_lambda"):
         value = cfg.get(name, getattr(args, name))
@@ -862,7 +877,7 @@ def make_config(args, method=None):
     return {"method": method, "tasks": tasks, "model": args.model,
             "data": str(Path(args.data).resolve()) if args.data else None,
             "out": str(out), "resume": args.resume, "cache": args.cache,
-            "seed": args.seed, **cfg, "top_k": args.top_k, "max_train": args.max_train, "max_test": args.max_test,
+            "seed": args.seed, **cfg, "top_k": args.top_k, "weight_decay": weight_decay, "max_train": args.max_train, "max_test": args.max_test,
             "replay_ratio": args.replay_ratio if method == "replay" else None,     # only the method's own knobs,
             "ewc_lambda": args.ewc_lambda if method == "ewc" else None,             # so they name its run
             "olora_lambda": args.olora_lambda if method == "olora" else None,

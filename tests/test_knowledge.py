@@ -24,6 +24,8 @@ CASES = [
     ("scienceqa", "square", "B", SQA_PROMPT, 1.0, False),                   # by the option's text
     ("scienceqa", "The answer is (B) square.", "B", SQA_PROMPT, 1.0, False),
     ("scienceqa", "A square", "B", SQA_PROMPT, 1.0, False),                 # "A" before a word: the article
+    ("scienceqa", "(b) square", "B", SQA_PROMPT, 1.0, False),               # a marked letter in either case
+    ("scienceqa", "b", "B", SQA_PROMPT, 1.0, True),
     ("scienceqa", "C", "B", SQA_PROMPT, 0.0, True),
     ("scienceqa", "B or C", "B", SQA_PROMPT, 0.0, False),                   # names another option too
     ("scienceqa", "a square and a circle", "B", SQA_PROMPT, 0.0, False),

@@ -270,3 +270,26 @@ def test_config_of_a_comparison_names_only_each_methods_own_knobs():
     assert (lora["ewc_lambda"], ewc["ewc_lambda"]) == (None, smolora.EWC_LAMBDA)
     single = smolora.make_config(smolora.parse_args(["--tasks", "scienceqa,gqa", "--method", "olora"]))
     assert single["out"] == "runs/olora-scienceqa-gqa" and single["olora_lambda"] == smolora.OLORA_LAMBDA
+
+
+def test_ewc_fisher_is_taken_on_a_seeded_sample_of_the_task(monkeypatch):
+    seen = []
+    monkeypatch.setattr(smolora, "EWC_SAMPLES", 3)
+    monkeypatch.setattr(smolora, "diagonal_fisher", lambda model, processor, records: seen.append(records) or {})
+    records = [{"id": i} for i in range(20)]          # ordered as a real file ordered by class would be
+    for seed in (0, 0, 1):
+        smolora.consolidate(nn.Linear(1, 1), None, records, seed)
+    assert seen[0] == seen[1] != seen[2]
+    assert all(len(s) == 3 and len({r["id"] for r in s}) == 3 for s in seen)
+    assert seen[0] != records[:3] or seen[2] != records[:3]
+
+
+def test_weight_decay_follows_each_paper_on_a_real_checkpoint_and_the_flag_wins():
+    def decay(*extra):
+        return smolora.make_config(smolora.parse_args(["--tasks", "scienceqa,gqa", *extra]))["weight_decay"]
+    assert decay("--model", "llava", "--method", "smolora") == 0.01     # SMoLoRA's scripts
+    assert decay("--model", "llava", "--method", "moelora") == 0.0      # CoIN's
+    assert decay("--method", "smolora") == 0.0                          # the tiny base
+    assert decay("--method", "lora", "--weight-decay", "0.1") == 0.1
+    with pytest.raises(ValueError, match="--weight-decay -1"):
+        decay("--weight-decay", "-1")

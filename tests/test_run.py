@@ -125,3 +125,22 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(micro, tmp_path, monk
     assert "nan" in message and "stage 2" in message and "stage1.safetensors" in message
     assert (tmp_path / "adapters" / "stage1.safetensors").exists()
     assert results(tmp_path)["matrix"][1][0] is not None
+
+
+def test_smolora_routes_a_record_alike_in_training_and_in_generation(micro):
+    """Avg(x) over the prompt in both: the experts that train a record are the experts that answer it."""
+    model, processor = smolora.load_model(micro / "model")
+    torch.manual_seed(0)
+    smolora.add_adapters(model, "smolora", r=8, alpha=16, num_experts=4)
+    layers = [m for m in model.modules() if isinstance(m, smolora.SMoLoRALinear)]
+    records = [r for task in TASKS.split(",") for r in data.load_records(micro / "data", task, "train")]
+
+    def experts(batch):
+        smolora.route_batch(model, batch)
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  pixel_values=batch["pixel_values"])
+        return torch.stack([m.routing[0] for m in layers], dim=1)     # (B, layers, 2, k)
+    trained = experts(data.Collator(processor, train=True)(records))  # answers and EOS in the batch, right-padded
+    answered = experts(data.Collator(processor, train=False)(records[::-1])).flip(0)   # prompts, left-padded
+    assert torch.equal(trained, answered)
