@@ -783,11 +783,7 @@ def rescore_run(run_dir, judge=None, device="cpu", dtype="float32"):
     path = os.path.join(run_dir, "results.json")
     if not os.path.isfile(path):
         raise ValueError(f"{path} not found; RUN_DIR must be a run folder written by smolora.py")
-    with open(path) as f:
-        try:
-            old = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not JSON ({e})") from None
+    old = data.read_json(path)
     if not isinstance(old, dict) or not {"method", "tasks"} <= old.keys():
         raise ValueError(f"{path} needs at least 'method' and 'tasks'")
     config = old.get("config") or {}
