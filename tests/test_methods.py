@@ -30,8 +30,8 @@ def micro(tmp_path_factory):
 def run_args(root, out, method, *extra):
     # lr 1e-2: big enough that one task's tuning changes the untrained model's answers to another's
     return ["--tasks", ",".join(TASKS), "--method", method, "--model", str(root / "model"), "--data",
-            str(root / "data"), "--out", str(out), "--epochs", "1", "--batch-size", "4", "--r", "8", "--alpha", "16",
-            "--experts", "4", "--lr", "1e-2", "--unseen", "gqa", "--instructions", "diverse",
+            str(root / "data"), "--out", str(out), "--epochs", "1", "--batch-size", "4", "--grad-accum", "1", "--r", "8",
+            "--alpha", "16", "--experts", "4", "--lr", "1e-2", "--unseen", "gqa", "--instructions", "diverse",
             "--cache", str(root / "cache"), *extra]
 
 
@@ -143,9 +143,10 @@ def test_resume_gives_the_uninterrupted_run(micro, tmp_path, monkeypatch, method
     monkeypatch.setattr(smolora, "CHECKPOINT_SECONDS", 0)
     with monkeypatch.context() as m:
         interrupt(m, at_call)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(SystemExit) as exit_:
             smolora.main(run_args(micro, tmp_path, method))
-    assert (tmp_path / "checkpoint.pt").exists() == (at_call == 4)
+    assert exit_.value.code == 130
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == at_call - 3
     smolora.main(run_args(micro, tmp_path, method, "--resume"))
     whole = micro / "compare" / method
     assert results(tmp_path)["matrix"] == results(whole)["matrix"]

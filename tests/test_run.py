@@ -1,6 +1,8 @@
 """The whole run on a micro configuration: an untrained tiny model, two tasks, a handful of records."""
 import functools
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -25,8 +27,8 @@ def micro(tmp_path_factory):
 
 def run_args(micro, out, method="smolora", *extra):
     return ["--tasks", TASKS, "--method", method, "--model", str(micro / "model"), "--data", str(micro / "data"),
-            "--out", str(out), "--epochs", "1", "--batch-size", "4", "--r", "8", "--alpha", "16", "--experts", "4",
-            "--cache", str(micro / "cache"), *extra]
+            "--out", str(out), "--epochs", "1", "--batch-size", "4", "--grad-accum", "1", "--r", "8", "--alpha", "16",
+            "--experts", "4", "--cache", str(micro / "cache"), *extra]
 
 
 def results(out):
@@ -60,20 +62,116 @@ def interrupt(monkeypatch, at_call):
     monkeypatch.setattr(smolora, "train_step", step)
 
 
-@pytest.mark.parametrize("at_call, every", [(3, 300), (4, 0)])   # at a stage boundary; mid-stage from a checkpoint
-def test_resume_gives_the_matrix_of_an_uninterrupted_run(micro, tmp_path, monkeypatch, at_call, every):
+def exits_interrupted(args, capsys):
+    """main on a Ctrl-C: status 130 and one line, no traceback; returns the line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        smolora.main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 130 and "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def same_run(a, b):
+    assert results(a)["matrix"] == results(b)["matrix"]
+    for stage in (1, 2):
+        x, y = (smolora.safetensors.torch.load_file(run / "adapters" / f"stage{stage}.safetensors") for run in (a, b))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+# stage 1 has 2 steps: call 3 is stage 2's first, call 4 its second (after a periodic checkpoint when every is 0)
+@pytest.mark.parametrize("at_call, every, step", [(3, 300, 0), (4, 0, 1), (4, 300, 1)])
+def test_resume_gives_the_matrix_of_an_uninterrupted_run(micro, tmp_path, monkeypatch, capsys, at_call, every, step):
     smolora.main(run_args(micro, tmp_path / "whole", "smolora", "--max-train", "8"))
     monkeypatch.setattr(smolora, "CHECKPOINT_SECONDS", every)
     with monkeypatch.context() as m:
-        interrupt(m, at_call)             # stage 1 has 2 steps: call 3 is stage 2's first, call 4 its second
-        with pytest.raises(KeyboardInterrupt):
-            smolora.main(run_args(micro, tmp_path / "cut", "smolora", "--max-train", "8"))
-    assert (tmp_path / "cut" / "checkpoint.pt").exists() == (every == 0)
+        interrupt(m, at_call)
+        line = exits_interrupted(run_args(micro, tmp_path / "cut", "smolora", "--max-train", "8"), capsys)
+    assert line == f"interrupted at stage 2 step {step}; continue with --resume"
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == step
     smolora.main(run_args(micro, tmp_path / "cut", "smolora", "--max-train", "8", "--resume"))
-    assert results(tmp_path / "cut")["matrix"] == results(tmp_path / "whole")["matrix"]
-    whole = smolora.safetensors.torch.load_file(tmp_path / "whole" / "adapters" / "stage2.safetensors")
-    cut = smolora.safetensors.torch.load_file(tmp_path / "cut" / "adapters" / "stage2.safetensors")
-    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+    same_run(tmp_path / "cut", tmp_path / "whole")
+
+
+def test_an_interrupt_inside_an_accumulated_step_drops_that_step_whole(micro, tmp_path, monkeypatch, capsys):
+    """Micro-batch 4 of 4 a stage (2 steps of 2): the step's first micro-batch and its dropout draws are undone."""
+    args = run_args(micro, tmp_path / "whole", "smolora", "--max-train", "8", "--batch-size", "2", "--grad-accum", "2")
+    smolora.main(args)
+    real, calls = smolora.answer_loss, []
+
+    def loss(*a):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a)
+    cut = [str(tmp_path / "cut") if a == str(tmp_path / "whole") else a for a in args]
+    with monkeypatch.context() as m:
+        m.setattr(smolora, "answer_loss", loss)
+        assert exits_interrupted(cut, capsys) == "interrupted at stage 1 step 1; continue with --resume"
+    smolora.main(cut + ["--resume"])
+    same_run(tmp_path / "cut", tmp_path / "whole")
+
+
+def test_ctrl_c_during_the_optimizer_update_waits_for_it(micro, tmp_path, monkeypatch, capsys):
+    """A real SIGINT in the middle of AdamW's update: the update completes, the step counts, resume is exact."""
+    smolora.main(run_args(micro, tmp_path / "whole", "lora", "--max-train", "8"))
+    real, calls = torch.optim.AdamW.step, []
+
+    def step(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *a, **k)
+    with monkeypatch.context() as m:
+        m.setattr(torch.optim.AdamW, "step", step)
+        line = exits_interrupted(run_args(micro, tmp_path / "cut", "lora", "--max-train", "8"), capsys)
+    assert line == "interrupted at stage 2 step 1; continue with --resume"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    smolora.main(run_args(micro, tmp_path / "cut", "lora", "--max-train", "8", "--resume"))
+    same_run(tmp_path / "cut", tmp_path / "whole")
+
+
+def test_an_interrupt_in_evaluation_keeps_the_predictions_saved(micro, tmp_path, monkeypatch, capsys):
+    real, calls = smolora.eval.generate_predictions, []
+
+    def generate(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:                         # stage 1's second task
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    with monkeypatch.context() as m:
+        m.setattr(smolora.eval, "generate_predictions", generate)
+        line = exits_interrupted(run_args(micro, tmp_path, "lora", "--max-train", "8"), capsys)
+    assert "continue with --resume" in line
+    kept = tmp_path / "predictions" / "stage1" / "scienceqa.jsonl"
+    before = kept.read_text()
+    smolora.main(run_args(micro, tmp_path, "lora", "--max-train", "8", "--resume"))
+    assert kept.read_text() == before and len(calls) == 4     # reused, not generated again
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(micro, tmp_path, monkeypatch, capsys):
+    """checkpoint.pt is read with weights_only=True: a pickled callable is refused, and never called."""
+    monkeypatch.setattr(smolora, "CHECKPOINT_SECONDS", 0)
+    with monkeypatch.context() as m:
+        interrupt(m, 2)
+        exits_interrupted(run_args(micro, tmp_path, "lora", "--max-train", "8"), capsys)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)      # what we save loads this way
+    state["stage"] = Payload()
+    torch.save(state, tmp_path / "checkpoint.pt")
+    message = exits_with_2(run_args(micro, tmp_path, "lora", "--max-train", "8", "--resume"), capsys)
+    assert "checkpoint.pt" in message and "refused" in message and not RAN
+
+
+RAN = []
+
+
+def mark():
+    RAN.append("ran")
+
+
+class Payload:
+    def __reduce__(self):
+        return mark, ()
 
 
 def exits_with_2(args, capsys):
