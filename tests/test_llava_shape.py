@@ -217,3 +217,12 @@ def test_resume_in_bfloat16_gives_the_same_matrix(llava15, compared, tmp_path, m
     assert line == "interrupted at stage 2 step 1; continue with --resume"
     smolora.main(run_args(llava15, tmp_path, "smolora", "--resume"))
     same_run(tmp_path, compared / "smolora")
+
+
+def test_the_7b_table_counts_what_the_formula_gives():
+    """tests/llava7b_memory.py on the meta device: LoRA's trainable parameters are r (d_in + d_out) over the 7
+    linears of the 32 layers (4 of 4096 x 4096; gate, up 4096 -> 11008; down 11008 -> 4096), by hand."""
+    import llava7b_memory
+    trainable, state, weights = llava7b_memory.count("lora")
+    assert trainable == 32 * 128 * (4 * (4096 + 4096) + 3 * (4096 + 11008))
+    assert state == trainable * 4 * 4 and 13e9 < weights < 15e9          # 7.06B parameters in bfloat16

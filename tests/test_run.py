@@ -242,3 +242,26 @@ def test_smolora_routes_a_record_alike_in_training_and_in_generation(micro):
     trained = experts(data.Collator(processor, train=True)(records))  # answers and EOS in the batch, right-padded
     answered = experts(data.Collator(processor, train=False)(records[::-1])).flip(0)   # prompts, left-padded
     assert torch.equal(trained, answered)
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(micro):
+    """--grad-accum: two micro-batches of 2 records take the step one batch of 4 takes (answers of equal token
+    counts, so the mean of the micro-batches' means is the batch's mean). SGD at lr 1 shows the gradient."""
+    model, processor = smolora.load_model(micro / "model")
+    records = data.load_records(micro / "data", "scienceqa", "train")[:4]
+    collate = data.Collator(processor, train=True)
+    assert len({(collate([r])["labels"] != -100).sum().item() for r in records}) == 1
+    torch.manual_seed(0)
+    smolora.add_adapters(model, "lora", r=4, alpha=8)
+    start = smolora.adapter_state_dict(model)
+
+    def gradient(batches):
+        smolora.load_adapter_state_dict(model, start)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        smolora.train_step(model, batches, optimizer, schedule, max_grad_norm=1e9)
+        return {k: start[k] - v for k, v in smolora.adapter_state_dict(model).items()}
+    whole, accumulated = gradient([collate(records)]), gradient([collate(records[:2]), collate(records[2:])])
+    half = gradient([collate(records[:2])])
+    assert all(torch.allclose(whole[k], accumulated[k], atol=1e-6) for k in whole)
+    assert not all(torch.allclose(whole[k], half[k], atol=1e-6) for k in whole)
