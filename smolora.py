@@ -7,7 +7,6 @@ Notation as in the papers: x a token's input to a linear layer, W0 the frozen we
 s = alpha / r the LoRA scale (the TOTAL rank r in both papers' code, also for the mixtures).
 """
 import argparse
-import contextlib
 import functools
 import io
 import json
@@ -504,26 +503,17 @@ def train_step(model, batches, optimizer, schedule, max_grad_norm=1.0, penalty=N
             raise NaNLoss(f"the loss became {loss.item()}")
         (loss / len(batches)).backward()                  # the gradient of the mean over the micro-batches
         total += loss.item() / len(batches)
-    with uninterrupted():
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    pressed, previous = [], signal.signal(signal.SIGINT, lambda *_: pressed.append(1))
+    try:   # Ctrl-C waits for the update to end, then raises: a step is taken whole or not at all (train_stage)
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_grad_norm)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-    return total
-
-
-@contextlib.contextmanager
-def uninterrupted():
-    """Ctrl-C waits for the block to end, then raises: an optimizer step is taken whole or not at all."""
-    pressed = []
-    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(1))
-    try:
-        yield
     finally:
         signal.signal(signal.SIGINT, previous)
     if pressed:
         raise KeyboardInterrupt
+    return total
 
 
 # The methods of the papers' tables (DESIGN.md 2.4), in their order: the adapter each tunes and what it is.
@@ -698,9 +688,10 @@ def train_stage(model, processor, records, cfg, stage, out, name, penalty=None):
             start = state["step"]
 
     def save(done):
-        eval.write_atomic(checkpoint, torch_bytes(
-            {"stage": stage, "step": done, "adapters": adapter_state_dict(model), "rng": torch.get_rng_state(),
-             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}))
+        buffer = io.BytesIO()
+        torch.save({"stage": stage, "step": done, "adapters": adapter_state_dict(model), "rng": torch.get_rng_state(),
+                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, buffer)
+        eval.write_atomic(checkpoint, buffer.getvalue())
     collate, last_save = data.Collator(processor, train=True), time.time()
     model.train()
     bar = tqdm(range(start, steps), desc=f"stage {stage}: tuning on {name}", initial=start, total=steps)
@@ -726,12 +717,6 @@ def train_stage(model, processor, records, cfg, stage, out, name, penalty=None):
             save(step + 1)
             last_save = time.time()
     model.eval()
-
-
-def torch_bytes(obj):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
 
 
 def ensure_tiny_model(cache, progress=True):
@@ -848,8 +833,8 @@ def parse_methods(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Continual visual instruction tuning: tune a LLaVA model on tasks "
-                                            "one after another, evaluate every task after every stage.")
+    p = argparse.ArgumentParser(prog="smolora.py", description="Continual visual instruction tuning: tune a LLaVA "
+                                "model on tasks one after another, evaluate every task after every stage.")
     p.add_argument("--tasks", required=True, help="comma-separated task names in training order, or 'coin' "
                                                   "(CoIN's 8) or 'smolora' (SMoLoRA's 6 upstream)")
     p.add_argument("--method", default="smolora", help=f"{' | '.join(METHODS)}; or several, comma-separated, or "
@@ -881,7 +866,7 @@ def parse_args(argv=None):
     p.add_argument("--instructions", default="default", choices=("default", "diverse"),
                    help="diverse: evaluate with paraphrased instructions never trained on")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--max-train", type=int, help="use at most this many training records per task")
     p.add_argument("--max-test", type=int, help="evaluate on at most this many test records per task")
@@ -889,16 +874,14 @@ def parse_args(argv=None):
 
 
 def check_device(device, dtype):
-    """Refuse a --device this machine lacks or a --dtype it cannot compute in (bfloat16 runs on any CPU)."""
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype {dtype!r} is not allowed: choose float32, bfloat16 or float16")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise ValueError(f"--device {device!r} is not allowed: choose cpu, cuda or cuda:N")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} is not allowed: this machine has no CUDA device; use --device cpu")
-    if device.startswith("cuda") and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"--dtype bfloat16 is not allowed on {torch.cuda.get_device_name(device)}: "
-                         f"it cannot compute in bfloat16; use --dtype float16 or float32")
+    """Refuse a --device this machine lacks or a --dtype it cannot compute in (a CPU computes in all three)."""
+    cuda = re.fullmatch(r"cuda(:\d+)?", device)
+    if not (cuda or device == "cpu") or cuda and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} is not allowed: choose cpu, or cuda or cuda:N on a machine with CUDA "
+                         f"(this one has {'' if torch.cuda.is_available() else 'no '}CUDA)")
+    if cuda and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--dtype bfloat16 is not allowed on {torch.cuda.get_device_name(device)}, which cannot "
+                         f"compute in it: choose float16 or float32")
 
 
 def make_config(args, method=None):

@@ -2,6 +2,7 @@
 import functools
 import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -265,3 +266,33 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(micro):
     half = gradient([collate(records[:2])])
     assert all(torch.allclose(whole[k], accumulated[k], atol=1e-6) for k in whole)
     assert not all(torch.allclose(whole[k], half[k], atol=1e-6) for k in whole)
+
+
+def test_device_dtype_and_out_that_cannot_work_exit_with_status_2(micro, tmp_path, capsys, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    assert "--out" in exits_with_2(run_args(micro, tmp_path / "a-file"), capsys)
+    assert "float64" in exits_with_2(run_args(micro, tmp_path / "b", "lora", "--dtype", "float64"), capsys)
+    assert "--device gpu" in exits_with_2(run_args(micro, tmp_path / "b", "lora", "--device", "gpu"), capsys)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "no CUDA" in exits_with_2(run_args(micro, tmp_path / "b", "lora", "--device", "cuda"), capsys)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)         # a card without bfloat16 (a T4, a V100)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla V100")
+    assert "--dtype bfloat16" in exits_with_2(run_args(micro, tmp_path / "b", "lora", "--device", "cuda"), capsys)
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_checkpoint_asking_for_its_own_code_never_runs_it(micro, tmp_path):
+    """load_model never passes trust_remote_code: a processor naming code in the folder is refused, not run."""
+    model = tmp_path / "model"
+    shutil.copytree(micro / "model", model)
+    (model / "evil.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n"
+                                   "from transformers import LlavaProcessor as EvilProcessor\n")
+    config = json.loads((model / "processor_config.json").read_text())
+    config["auto_map"] = {"AutoProcessor": "evil.EvilProcessor"}
+    (model / "processor_config.json").write_text(json.dumps(config))
+    try:
+        smolora.load_model(model)
+    except ValueError as e:
+        assert "not a LLaVA checkpoint" in str(e) and "\n" not in str(e)
+    assert not (tmp_path / "ran").exists()
