@@ -609,9 +609,9 @@ SMOLORA_PAPER_DEFAULTS = dict(PAPER_DEFAULTS, lr=1e-4, weight_decay=0.01)
 TINY_DEFAULTS = dict(r=32, alpha=64, experts=8, lr=5e-3, batch_size=32, grad_accum=1, epochs=8, weight_decay=0.0)
 PROJECTOR_LR_FACTOR = 0.2                    # SMoLoRA's projector adapters: 2e-5 against 1e-4 (DESIGN.md 2.3)
 # what must agree for --resume to continue a run, or for a rerun to replace it
-RUN_IDENTITY = ("method", "tasks", "model", "data", "seed", "epochs", "lr", "batch_size", "grad_accum", "r", "alpha",
-                "experts", "top_k", "weight_decay", "max_train", "max_test", "replay_ratio", "ewc_lambda", "olora_lambda",
-                "unseen", "instructions")
+RUN_IDENTITY = ("method", "tasks", "model", "data", "seed", "epochs", "lr", "batch_size", "grad_accum", "r",
+                "alpha", "experts", "top_k", "weight_decay", "max_train", "max_test", "replay_ratio", "ewc_lambda",
+                "olora_lambda", "unseen", "instructions")
 
 
 def adapter_hparams(cfg):
@@ -866,7 +866,8 @@ def parse_args(argv=None):
     p.add_argument("--instructions", default="default", choices=("default", "diverse"),
                    help="diverse: evaluate with paraphrased instructions never trained on")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--max-train", type=int, help="use at most this many training records per task")
     p.add_argument("--max-test", type=int, help="evaluate on at most this many test records per task")

@@ -39,8 +39,8 @@ def llama_style_tokenizer():
     bpe.train_from_iterator(sentences(), trainers.BpeTrainer(vocab_size=700, special_tokens=specials,
                                                              show_progress=False))
     model = json.loads(bpe.to_str())["model"]
-    tokenizer = LlamaTokenizer(vocab=model["vocab"], add_bos_token=True, merges=[tuple(m) if isinstance(m, list) else tuple(m.split())
-                                                              for m in model["merges"]])
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in model["merges"]]
+    tokenizer = LlamaTokenizer(vocab=model["vocab"], merges=merges, add_bos_token=True)
     tokenizer.add_tokens(["<image>"], special_tokens=True)
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
     return tokenizer
@@ -66,8 +66,9 @@ def llava15_model(processor):
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
     config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default", image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                         projector_hidden_act="gelu", pad_token_id=tokenizer.pad_token_id)
+                         vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         pad_token_id=tokenizer.pad_token_id)
     return LlavaForConditionalGeneration(config).to(torch.bfloat16)
 
 

@@ -30,9 +30,9 @@ def micro(tmp_path_factory):
 def run_args(root, out, method, *extra):
     # lr 1e-2: big enough that one task's tuning changes the untrained model's answers to another's
     return ["--tasks", ",".join(TASKS), "--method", method, "--model", str(root / "model"), "--data",
-            str(root / "data"), "--out", str(out), "--epochs", "1", "--batch-size", "4", "--grad-accum", "1", "--r", "8",
-            "--alpha", "16", "--experts", "4", "--lr", "1e-2", "--unseen", "gqa", "--instructions", "diverse",
-            "--cache", str(root / "cache"), *extra]
+            str(root / "data"), "--out", str(out), "--epochs", "1", "--batch-size", "4", "--grad-accum", "1",
+            "--r", "8", "--alpha", "16", "--experts", "4", "--lr", "1e-2", "--unseen", "gqa", "--instructions",
+            "diverse", "--cache", str(root / "cache"), *extra]
 
 
 def results(out):
