@@ -898,15 +898,13 @@ def make_config(args, method=None):
     cfg = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     check_device(args.device, dtype)
-    if cfg["weight_decay"] < 0:
-        raise ValueError(f"--weight-decay {cfg['weight_decay']} is not allowed: it must be 0 or more")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is not allowed: it is a file; give a folder for the run")
     for name in ("epochs", "lr", "batch_size", "grad_accum", "r", "alpha", "experts", "top_k", "max_train",
-                 "max_test", "replay_ratio", "ewc_lambda", "olora_lambda"):
-        value = cfg.get(name, getattr(args, name))
-        if value is not None and value <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} {value} is not allowed: it must be positive")
+                 "max_test", "replay_ratio", "ewc_lambda", "olora_lambda", "weight_decay"):
+        value, least = cfg.get(name, getattr(args, name)), "0 or more" if name == "weight_decay" else "positive"
+        if value is not None and (value < 0 or value == 0 and least == "positive"):
+            raise ValueError(f"--{name.replace('_', '-')} {value} is not allowed: it must be {least}")
     if args.replay_ratio > 1:
         raise ValueError(f"--replay-ratio {args.replay_ratio} is not allowed: it must be in (0, 1]")
     out = args.out or f"runs/{method}-{'-'.join(tasks)}"
