@@ -293,3 +293,15 @@ def test_weight_decay_follows_each_paper_on_a_real_checkpoint_and_the_flag_wins(
     assert decay("--method", "lora", "--weight-decay", "0.1") == 0.1
     with pytest.raises(ValueError, match="--weight-decay -1"):
         decay("--weight-decay", "-1")
+
+
+def test_real_checkpoint_defaults_follow_each_paper_at_a_global_batch_of_64():
+    def config(*extra):
+        return smolora.make_config(smolora.parse_args(["--tasks", "scienceqa,gqa", *extra]))
+    ours, coins = config("--model", "llava", "--method", "smolora"), config("--model", "llava", "--method", "moelora")
+    assert (ours["lr"], coins["lr"]) == (1e-4, 2e-4)                      # SMoLoRA's scripts, CoIN's
+    assert ours["batch_size"] * ours["grad_accum"] == coins["batch_size"] * coins["grad_accum"] == 64
+    assert config("--method", "smolora")["grad_accum"] == 1               # the tiny model: unchanged
+    assert config("--model", "llava", "--grad-accum", "2")["grad_accum"] == 2
+    with pytest.raises(ValueError, match="--grad-accum 0"):
+        config("--grad-accum", "0")
