@@ -134,7 +134,7 @@ def run_args(llava15, out, method, *extra):
     model, root = llava15
     return ["--tasks", TASKS, "--method", method, "--model", str(model), "--data", str(root), "--out", str(out),
             "--dtype", "bfloat16", "--grad-checkpointing", "--batch-size", "1", "--grad-accum", "2", "--r", "8",
-            "--alpha", "16", "--experts", "4", "--lr", "1e-2", "--max-test", "2", "--cache", str(out / "cache"), *extra]
+            "--alpha", "16", "--experts", "4", "--lr", "1e-2", "--max-test", "1", "--cache", str(out / "cache"), *extra]
 
 
 ADAPTERS = ("lora", "olora", "moelora", "smolora")
@@ -208,7 +208,7 @@ def test_every_adapter_runs_end_to_end_in_bfloat16_with_checkpointing(compared, 
     assert saved["config"]["dtype"] == "bfloat16" and saved["config"]["grad_accum"] == 2
     assert saved["config"]["grad_checkpointing"] and all(v is not None for row in saved["matrix"] for v in row)
     for task in TASKS.split(","):
-        assert len((compared / method / "predictions" / "stage2" / f"{task}.jsonl").read_text().splitlines()) == 2
+        assert len((compared / method / "predictions" / "stage2" / f"{task}.jsonl").read_text().splitlines()) == 1
 
 
 def test_resume_in_bfloat16_gives_the_same_matrix(llava15, compared, tmp_path, monkeypatch, capsys):
