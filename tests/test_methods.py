@@ -30,9 +30,9 @@ def micro(tmp_path_factory):
 def run_args(root, out, method, *extra):
     # lr 1e-2: big enough that one task's tuning changes the untrained model's answers to another's
     return ["--tasks", ",".join(TASKS), "--method", method, "--model", str(root / "model"), "--data",
-            str(root / "data"), "--out", str(out), "--epochs", "1", "--batch-size", "4", "--r", "8", "--alpha", "16",
-            "--experts", "4", "--lr", "1e-2", "--unseen", "gqa", "--instructions", "diverse",
-            "--cache", str(root / "cache"), *extra]
+            str(root / "data"), "--out", str(out), "--epochs", "1", "--batch-size", "4", "--grad-accum", "1",
+            "--r", "8", "--alpha", "16", "--experts", "4", "--lr", "1e-2", "--unseen", "gqa", "--instructions",
+            "diverse", "--cache", str(root / "cache"), *extra]
 
 
 def results(out):
@@ -142,9 +142,10 @@ def test_resume_gives_the_uninterrupted_run(micro, tmp_path, monkeypatch, method
     monkeypatch.setattr(smolora, "CHECKPOINT_SECONDS", 0)
     with monkeypatch.context() as m:
         interrupt(m, at_call)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(SystemExit) as exit_:
             smolora.main(run_args(micro, tmp_path, method))
-    assert (tmp_path / "checkpoint.pt").exists() == (at_call == 4)
+    assert exit_.value.code == 130
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == at_call - 3
     smolora.main(run_args(micro, tmp_path, method, "--resume"))
     whole = micro / "compare" / method
     assert results(tmp_path)["matrix"] == results(whole)["matrix"]
@@ -293,3 +294,15 @@ def test_weight_decay_follows_each_paper_on_a_real_checkpoint_and_the_flag_wins(
     assert decay("--method", "lora", "--weight-decay", "0.1") == 0.1
     with pytest.raises(ValueError, match="--weight-decay -1"):
         decay("--weight-decay", "-1")
+
+
+def test_real_checkpoint_defaults_follow_each_paper_at_a_global_batch_of_64():
+    def config(*extra):
+        return smolora.make_config(smolora.parse_args(["--tasks", "scienceqa,gqa", *extra]))
+    ours, coins = config("--model", "llava", "--method", "smolora"), config("--model", "llava", "--method", "moelora")
+    assert (ours["lr"], coins["lr"]) == (1e-4, 2e-4)                      # SMoLoRA's scripts, CoIN's
+    assert ours["batch_size"] * ours["grad_accum"] == coins["batch_size"] * coins["grad_accum"] == 64
+    assert config("--method", "smolora")["grad_accum"] == 1               # the tiny model: unchanged
+    assert config("--model", "llava", "--grad-accum", "2")["grad_accum"] == 2
+    with pytest.raises(ValueError, match="--grad-accum 0"):
+        config("--grad-accum", "0")
