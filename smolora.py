@@ -187,9 +187,9 @@ class SMoLoRALinear(nn.Module):
         kw = dict(device=base.weight.device, dtype=torch.float32)
         self.vu_router = nn.Linear(base.in_features, pool, bias=False, **kw)                # R_vu
         self.if_router = nn.Linear(ins_dim or base.in_features, pool, bias=False, **kw)     # R_if
-        # I_vu, I_if: the paper writes no bias; the official code's Linear(out, 1) carries one.
-        self.fuse_vu = nn.Linear(base.out_features, 1, **kw)
-        self.fuse_if = nn.Linear(base.out_features, 1, **kw)
+        # I_vu, I_if (1, out): no bias, as the paper writes and the official code builds them (Linear(out, 1, bias=False))
+        self.fuse_vu = nn.Linear(base.out_features, 1, bias=False, **kw)
+        self.fuse_if = nn.Linear(base.out_features, 1, bias=False, **kw)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.routing_mask = self.routing_ins = self.routing = None
 
@@ -238,7 +238,7 @@ class SMoLoRALinear(nn.Module):
         # (B, L, out) each) are never built apart (ours, exactly equal, about a third of the layer's time).
         I = torch.stack([self.fuse_vu.weight, self.fuse_if.weight])   # I_vu, I_if           (2, 1, out)
         IB = (B @ I.transpose(1, 2)).squeeze(-1)                       # I_pool B_pool        (B, 2, k*rank)
-        logits = (z * IB[:, None]).sum(-1) + torch.cat([self.fuse_vu.bias, self.fuse_if.bias])  # (B, L, 2)
+        logits = (z * IB[:, None]).sum(-1)                             # [I_vu . x_vu, I_if . x_if] (B, L, 2)
         fusion = torch.softmax(logits, dim=-1)                         # [alpha_t, beta_t]    (B, L, 2)
         delta = torch.bmm((z * fusion.unsqueeze(-1)).flatten(2), B.flatten(1, 2))  # alpha_t x_vu + beta_t x_if
         return h + delta.to(h.dtype)                                   # h = W0 x + alpha_t x_vu + beta_t x_if

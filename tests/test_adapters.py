@@ -120,8 +120,7 @@ def naive_smolora(layer, x, mask, ins):
                        for j, i in enumerate(vu_top.indices.tolist()))
             x_if = sum(G_if[j] * s * layer.lora_B[pool + i] @ (layer.lora_A[pool + i] @ xt)
                        for j, i in enumerate(if_top.indices.tolist()))
-            a = layer.fuse_vu.weight[0] @ x_vu + layer.fuse_vu.bias[0]
-            c = layer.fuse_if.weight[0] @ x_if + layer.fuse_if.bias[0]
+            a, c = layer.fuse_vu.weight[0] @ x_vu, layer.fuse_if.weight[0] @ x_if     # I_vu . x_vu, no bias
             alpha, beta = torch.softmax(torch.stack([a, c]), 0)
             out[b, t] = layer.base(xt) + alpha * x_vu + beta * x_if
     return out
