@@ -775,4 +775,6 @@ class Collator:
                "ins_mask": ins_mask}
         if self.train:
             out["labels"] = labels
+        if "ins_embedding" in records[0]:   # f(X_ins) given per record (smolora.with_instruction_embeddings)
+            out["ins_embedding"] = torch.stack([r["ins_embedding"] for r in records])
         return out

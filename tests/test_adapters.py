@@ -248,7 +248,7 @@ def test_instruction_embedding_is_the_centred_mean_over_the_instruction_tokens()
     (lambda: SMoLoRALinear(nn.Linear(4, 4), r=9, num_experts=3), "num_experts=3"),
     (lambda: SMoLoRALinear(nn.Linear(4, 4), r=8, num_experts=4, top_k=3), "top_k=3"),
     (lambda: add_adapters(tiny_llava(), "lora", targets=[r"nothing\.here"]), "match no linear"),
-    (lambda: add_adapters(tiny_llava(), "dora"), "unknown method 'dora'"),
+    (lambda: add_adapters(tiny_llava(), "qlora"), "unknown method 'qlora'"),
     (lambda: add_adapters(tiny_llava(), "lora", num_experts=4), "num_experts not allowed for lora"),
 ])
 def test_bad_input_names_the_value(make, message):
