@@ -64,18 +64,24 @@ class LoRALinear(nn.Module):
     def delta_weight(self):
         return self.scaling * self.lora_B @ self.lora_A            # s B A         (out, in)
 
+    def merged_weight(self, W0):
+        return W0 + self.delta_weight()                            # W = W0 + s B A
+
+    def unmerged_weight(self, W):
+        return W - self.delta_weight()                             # W0 = W - s B A
+
     @torch.no_grad()
     def merge(self):
-        """W = W0 + s B A: the layer then costs what the plain linear costs."""
+        """W0 -> W, the update folded in: the layer then costs what the plain linear costs."""
         if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.base.weight.copy_(self.merged_weight(self.base.weight.float()).to(self.base.weight.dtype))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
-        """W0 = W - s B A: back to the frozen weight, the adapter separate again."""
+        """W -> W0: back to the frozen weight, the adapter separate again."""
         if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.base.weight.copy_(self.unmerged_weight(self.base.weight.float()).to(self.base.weight.dtype))
             self.merged = False
 
 
@@ -100,30 +106,17 @@ class DoRALinear(LoRALinear):
         if self.merged:
             return h
         scale = self.magnitude / self.weight_norm()                        # m / n               (out,)
-        xd = self.dropout(x.to(self.lora_A.dtype))
-        if self.training and isinstance(self.dropout, nn.Dropout):        # W0 dropout(x): PEFT's dropout
-            plain = xd @ self.base.weight.float().T                        # (B, L, out)
-        else:                                                              # no dropout: W0 x is h - b
-            plain = (h if self.base.bias is None else h - self.base.bias).float()
+        xd = self.dropout(x.to(self.lora_A.dtype))                         # dropout(x), as PEFT
+        plain = xd @ self.base.weight.float().T                            # W0 dropout(x)       (B, L, out)
         z = self.scaling * (xd @ self.lora_A.T) @ self.lora_B.T            # s B A dropout(x)    (B, L, out)
         return h + ((scale - 1) * plain + scale * z).to(h.dtype)           # W' x + b
 
-    @torch.no_grad()
-    def merge(self):
-        """W = m * (W0 + s B A) / n; n kept to unmerge."""
-        if not self.merged:
-            self.merged_norm = self.weight_norm()
-            W = (self.base.weight.float() + self.delta_weight()) * (self.magnitude / self.merged_norm)[:, None]
-            self.base.weight.copy_(W.to(self.base.weight.dtype))
-            self.merged = True
+    def merged_weight(self, W0):
+        self.merged_norm = self.weight_norm()                              # n, kept to unmerge
+        return (W0 + self.delta_weight()) * (self.magnitude / self.merged_norm)[:, None]    # W = m (W0 + s B A) / n
 
-    @torch.no_grad()
-    def unmerge(self):
-        """W0 = W * n / m - s B A."""
-        if self.merged:
-            W = self.base.weight.float() * (self.merged_norm / self.magnitude)[:, None] - self.delta_weight()
-            self.base.weight.copy_(W.to(self.base.weight.dtype))
-            self.merged = False
+    def unmerged_weight(self, W):
+        return W * (self.merged_norm / self.magnitude)[:, None] - self.delta_weight()      # W0 = W n / m - s B A
 
 
 class OLoRALinear(LoRALinear):
@@ -315,23 +308,17 @@ ADAPTERS = {"lora": LoRALinear, "dora": DoRALinear, "olora": OLoRALinear, "moelo
 # 2. Adapters in a LLaVA model (module names of transformers' LlavaForConditionalGeneration, as in
 #    llava-hf/llava-1.5-7b-hf): where each method goes (DESIGN.md 2.2 / 2.3), routing, state dicts.
 
+# LoRA, DoRA, O-LoRA, MoELoRA: every linear of the LLM (q, k, v, o, gate, up, down); SMoLoRA: the LLM's MLP
+# (gate, up, down) and both linears of the projector
 LLM_LINEARS = r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
-TARGETS = {
-    "lora": (LLM_LINEARS,),                      # every linear of the LLM (q, k, v, o, gate, up, down)
-    "dora": (LLM_LINEARS,),                      # where LoRA is
-    "olora": (LLM_LINEARS,),
-    "moelora": (LLM_LINEARS,),
-    "smolora": (r"model\.language_model\.layers\.\d+\.mlp\.(gate|up|down)_proj",  # the LLM's MLP
-                r"model\.multi_modal_projector\.linear_[12]"),                    # and both projector linears
-}
+TARGETS = {**dict.fromkeys(("lora", "dora", "olora", "moelora"), (LLM_LINEARS,)),
+           "smolora": (r"model\.language_model\.layers\.\d+\.mlp\.(gate|up|down)_proj",
+                       r"model\.multi_modal_projector\.linear_[12]")}
 
 
 def add_adapters(model, method, targets=None, **hparams):
-    """Wrap the method's target linears in place, freeze everything else; return the wrapped names.
-
-    `targets` (regular expressions matched against whole module names) overrides the method's defaults; hparams
-    are the adapter class's keyword arguments (SMoLoRA's ins_dim defaults to the LLM's embedding width).
-    """
+    """Wrap the method's target linears in place, freeze everything else; return the wrapped names. `targets`
+    (regular expressions over whole module names) overrides the method's; hparams: the adapter class's arguments."""
     if method not in ADAPTERS:
         raise ValueError(f"unknown method {method!r}: allowed are {', '.join(ADAPTERS)}")
     allowed = set(inspect.signature(ADAPTERS[method]).parameters) - {"base"}
@@ -375,13 +362,6 @@ def instruction_embedding(model, input_ids, ins_mask):
     return (embeddings * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
 
 
-def canonical_instruction(task):
-    """The official code's fixed instruction string of a task (DESIGN.md 2.3): its fixed question, if any, then
-    its instruction, as data.TASKS has them."""
-    task = data.TASKS[task]
-    return data.compose_text(task, task.question) if task.question else task.instruction
-
-
 def load_encoder(path):
     """--ins-encoder: (encoder, tokenizer) of a transformers sentence encoder folder (e.g. all-MiniLM-L6-v2)."""
     try:
@@ -411,7 +391,7 @@ def with_instruction_embeddings(records, task, cfg, embed):
     (the official scheme: an oracle of the task's identity); --ins-encoder, the sample's own instruction."""
     if cfg["if_routing"] != "task" and not cfg["ins_encoder"]:
         return records
-    keys = [canonical_instruction(task) if cfg["if_routing"] == "task" else r["instruction"] for r in records]
+    keys = [data.canonical_instruction(task) if cfg["if_routing"] == "task" else r["instruction"] for r in records]
     strings = sorted(set(keys))
     table = dict(zip(strings, embed(strings)))                    # one tensor per distinct string, shared
     return [{**r, "ins_embedding": table[key]} for r, key in zip(records, keys)]
@@ -518,20 +498,11 @@ def pretrain_tiny_model(path, seed=0, progress=True):
     bar = tqdm(range(PRETRAIN["steps"]), desc="pretraining the tiny base model on captions", disable=not progress)
     for step in bar:
         if step % PRETRAIN["pool"] == 0:
-            batches = caption_batches(PRETRAIN["batch_size"], PRETRAIN["pool"], f"{seed}/{step}")
+            batches = data.caption_batches(PRETRAIN["batch_size"], PRETRAIN["pool"], f"{seed}/{step}")
         batch = collate(batches[step % PRETRAIN["pool"]])
         bar.set_postfix(loss=f"{train_step(model, batch, optimizer, schedule):.3f}")
     save_checkpoint(model.eval(), processor, path)
     return path
-
-
-def caption_batches(batch_size, count, seed):
-    """`count` batches of fresh scenes, grouped by length and shuffled: captions run from 2 to 150 tokens, and
-    a batch pads to its longest, so grouping halves the cost of a step."""
-    records = sorted(data.caption_corpus(batch_size * count, seed), key=lambda r: len(r["text"] + r["answer"]))
-    batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
-    random.Random(seed).shuffle(batches)
-    return batches
 
 
 def save_checkpoint(model, processor, path):
@@ -673,10 +644,6 @@ def orthogonality_penalty(model, lam=1.0):
     return lam * sum(m.orthogonality() for m in model.modules() if isinstance(m, OLoRALinear))
 
 
-def one_task(ctx, stage):
-    return ctx.train[ctx.tasks[stage - 1]]
-
-
 @dataclass(frozen=True)
 class Method:
     """A method of the papers' tables (DESIGN.md 2.4): the adapter it tunes and what `run` does for it, each a small
@@ -685,11 +652,10 @@ class Method:
     adapter: str | None                         # the adapter it tunes (ADAPTERS); None: nothing is tuned
     notes: str
     stages: Callable = list                     # tasks -> what each stage tunes on, by name
-    records: Callable = one_task                # (ctx, stage) -> the records the stage tunes on
+    records: Callable = lambda ctx, stage: ctx.train[ctx.tasks[stage - 1]]   # (ctx, stage) -> what it tunes on
     start: Callable = lambda ctx, stage: None   # (ctx, stage) before tuning the stage -> its penalty() or None
     end: Callable = lambda ctx, stage: None     # (ctx, stage) after the stage, also when resumed from its file
-    answer: Callable | None = None              # (ctx, stage, i) -> the adapter state task i is answered with,
-                                                #   None the latest; not given: all tasks by the latest
+    answer: Callable | None = None              # (ctx, stage, i) -> the adapters task i is answered with, or None
     report: Callable = lambda ctx: None         # (ctx) after the last stage
 
 
@@ -701,7 +667,7 @@ def dirlora_answer(ctx, stage, i):
 def ewc_end(ctx, stage):
     """ewc: F and theta* for the tasks to come (recomputed when resumed)."""
     if stage < len(ctx.tasks):
-        ctx.ewc = consolidate(ctx.model, ctx.processor, one_task(ctx, stage), ctx.cfg["seed"], ctx.ewc)
+        ctx.ewc = consolidate(ctx.model, ctx.processor, ctx.train[ctx.tasks[stage - 1]], ctx.cfg["seed"], ctx.ewc)
 
 
 def olora_start(ctx, stage):
@@ -780,15 +746,6 @@ def variant_note(cfg):
     said += ["IF router told each task's identity (an oracle, as the official code)"] if cfg["if_routing"] == "task" else []
     said += [f"f(X_ins) by the sentence encoder {cfg['ins_encoder']}"] if cfg["ins_encoder"] else []
     return "".join(f"; {s}" for s in said)
-
-
-def fewshot_records(records, k, seed, task):
-    """k training records of each class (distinct answer) of a task, drawn with the run's seed (DESIGN.md 3)."""
-    classes = {}
-    for record in records:
-        classes.setdefault(str(record["answer"]), []).append(record)
-    rng = random.Random(f"{seed}/fewshot/{task}/{k}")
-    return [r for answer in sorted(classes) for r in rng.sample(classes[answer], min(k, len(classes[answer])))]
 
 
 def prepare_out(cfg):
@@ -883,10 +840,8 @@ def run(cfg, progress=True):
     method's report, then each few-shot tuning of an unseen task, from the final adapters (DESIGN.md 3)."""
     started, method = time.time(), METHODS[cfg["method"]]
     encoder = load_encoder(cfg["ins_encoder"]) if cfg["ins_encoder"] else None
-    out = prepare_out(cfg)
-    cache = Path(cfg["cache"])
-    model_path = cfg["model"] or ensure_tiny_model(cache, progress)
-    data_root = cfg["data"] or cache / "data-v1"
+    out, cache = prepare_out(cfg), Path(cfg["cache"])
+    model_path, data_root = cfg["model"] or ensure_tiny_model(cache, progress), cfg["data"] or cache / "data-v1"
     tasks, unseen, fewshot = cfg["tasks"], cfg["unseen"], cfg["fewshot"]
     if not cfg["data"]:
         data.make_synthetic(data_root, list(dict.fromkeys(tasks + unseen + list(fewshot))), seed=0,
@@ -908,10 +863,8 @@ def run(cfg, progress=True):
                 "mif": [[None] * len(columns) for _ in range(len(stages) + 1)]}
     results = {"method": cfg["method"], **empty(tasks), "config": cfg, "stages": stages,
                "notes": method.notes + variant_note(cfg), "seconds": None, **({"unseen": empty(unseen)} if unseen else {})}
-    previous = out / "results.json"
-    earlier_seconds = 0       # a resumed run's time so far
-    if cfg["resume"] and previous.exists():
-        earlier_seconds = json.loads(previous.read_text()).get("seconds") or 0
+    previous = out / "results.json"       # a resumed run's time so far counts
+    earlier_seconds = cfg["resume"] and previous.exists() and json.loads(previous.read_text()).get("seconds") or 0
     ctx = SimpleNamespace(model=model, processor=processor, cfg=cfg, tasks=tasks, train=train, test=test, out=out,
                           ewc=None)
 
@@ -961,7 +914,7 @@ def run(cfg, progress=True):
         if cfg["resume"] and saved.exists():
             load_adapter_state_dict(model, safetensors.torch.load_file(saved))
         else:   # one epoch on k examples per class (DESIGN.md 3)
-            tune(saved, fewshot_records(train[task], k, cfg["seed"], task), stage, f"{task}, {k} shots",
+            tune(saved, data.fewshot_records(train[task], k, cfg["seed"], task), stage, f"{task}, {k} shots",
                  config={**cfg, "epochs": 1})
         score, mif = evaluate(model, processor, task, test[task], out / "predictions" / f"fewshot-{k}" / f"{task}.jsonl", cfg)
         results.setdefault("fewshot", {}).setdefault(task, {})[str(k)] = {"score": score, "mif": mif}

@@ -185,11 +185,11 @@ def test_each_smolora_ablation_round_trips_through_the_adapter_state_dict(parts)
 # ---- the IF router's f(X_ins): the task's identity, a sentence encoder --------------------------------------
 
 def test_canonical_instructions_are_the_official_strings():
-    assert smolora.canonical_instruction("scienceqa") == "Answer with the option's letter from the given choices directly."
-    assert smolora.canonical_instruction("gqa") == "Answer the question using a single word or phrase."
-    assert smolora.canonical_instruction("flickr30k") == ("What is happening in the presented picture?\n"
+    assert data.canonical_instruction("scienceqa") == "Answer with the option's letter from the given choices directly."
+    assert data.canonical_instruction("gqa") == "Answer the question using a single word or phrase."
+    assert data.canonical_instruction("flickr30k") == ("What is happening in the presented picture?\n"
                                                           "Please describe it in one complete sentence.")
-    assert smolora.canonical_instruction("places365") == ("What is the background of the image?\n"
+    assert data.canonical_instruction("places365") == ("What is the background of the image?\n"
                                                           "Answer the question using a single word or phrase.")
 
 
@@ -204,7 +204,7 @@ def test_task_routing_sends_every_wording_of_a_task_to_one_if_expert(micro):
         records = data.load_records(micro / "data", task, "test", "diverse")
         assert len({r["instruction"] for r in records}) > 1                          # reworded, several ways
         tagged = smolora.with_instruction_embeddings(records, task, cfg, embed)
-        canonical = embed([smolora.canonical_instruction(task)])[0]
+        canonical = embed([data.canonical_instruction(task)])[0]
         assert all(torch.equal(r["ins_embedding"], canonical) for r in tagged)
         picks[task] = smolora.routing_picks(model, processor, tagged, batch_size=4)  # (N, layers, 2)
         assert all(p[layer][1] == picks[task][0][layer][1] for p in picks[task] for layer in range(8))
@@ -250,18 +250,18 @@ def test_encoder_task_routing_ablation_and_fewshot_run_end_to_end(micro, tmp_pat
 
 def test_fewshot_draws_k_records_of_each_class_with_the_seed():
     records = [{"id": i, "answer": "abc"[i % 3]} for i in range(30)]
-    shots = smolora.fewshot_records(records, 4, seed=0, task="places365")
+    shots = data.fewshot_records(records, 4, seed=0, task="places365")
     assert sorted(r["answer"] for r in shots) == sorted("aaaabbbbcccc") and len({r["id"] for r in shots}) == 12
-    assert shots == smolora.fewshot_records(records, 4, seed=0, task="places365")
-    assert shots != smolora.fewshot_records(records, 4, seed=1, task="places365")
-    assert len(smolora.fewshot_records(records[:4], 4, seed=0, task="places365")) == 4    # a class holds fewer
+    assert shots == data.fewshot_records(records, 4, seed=0, task="places365")
+    assert shots != data.fewshot_records(records, 4, seed=1, task="places365")
+    assert len(data.fewshot_records(records[:4], 4, seed=0, task="places365")) == 4    # a class holds fewer
 
 
 def test_fewshot_resumes_to_the_uninterrupted_result(micro, tmp_path, monkeypatch):
     args = ["--method", "lora", "--unseen", "places365", "--fewshot", "places365:1,2"]
     smolora.main(run_args(micro, tmp_path / "whole", *args))
     train = data.load_records(micro / "data", "places365", "train")[:8]
-    steps = [-(-len(smolora.fewshot_records(train, k, 0, "places365")) // 4) for k in (1, 2)]
+    steps = [-(-len(data.fewshot_records(train, k, 0, "places365")) // 4) for k in (1, 2)]
     assert steps[1] >= 2
     monkeypatch.setattr(smolora, "CHECKPOINT_SECONDS", 0)
     with monkeypatch.context() as m:
