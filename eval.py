@@ -643,8 +643,9 @@ def rescore_run(run_dir):
                                      f"{task} in {data_root}")
                 table["matrix"][t][i], table["mif"][t][i] = score_predictions(task, predictions)
     for task, shots in (old.get("fewshot") or {}).items():     # predictions/fewshot-<k>/<task>.jsonl
-        results.setdefault("fewshot", {})[task] = {k: dict(zip(("score", "mif"), score_predictions(task, load_predictions(
-            os.path.join(run_dir, "predictions", f"fewshot-{k}", f"{task}.jsonl"))))) for k in shots}
+        results.setdefault("fewshot", {})[task] = {k: dict(zip(("score", "mif"), score_predictions(
+            task, load_predictions(os.path.join(run_dir, "predictions", f"fewshot-{k}", f"{task}.jsonl")))))
+            for k in shots}
     return write_report(run_dir, results)
 
 

@@ -1,8 +1,8 @@
-"""smolora: continual visual instruction tuning with LoRA, MoELoRA (CoIN) and SMoLoRA, written by hand.
+"""smolora: continual visual instruction tuning with LoRA, DoRA, O-LoRA, MoELoRA (CoIN) and SMoLoRA, by hand.
 
-Read top to bottom beside the papers (DESIGN.md section 2 holds the equations):
-  1. the adapters: LoRALinear, MoELoRALinear, SMoLoRALinear, each forward beside its formula;
-  2. putting them into a LLaVA model: add_adapters, set_routing, the adapter state dict.
+Read top to bottom beside the papers (DESIGN.md section 2 holds the equations): 1. the adapters, each forward
+beside its formula; 2. in a LLaVA model, routing, state dicts; 3. models; 4. training and each method's own
+behaviour (METHODS); 5. the continual run, the protocol; 6. the command line.
 Notation as in the papers: x a token's input to a linear layer, W0 the frozen weight, r the total rank,
 s = alpha / r the LoRA scale (the TOTAL rank r in both papers' code, also for the mixtures).
 """
@@ -126,8 +126,7 @@ class OLoRALinear(LoRALinear):
         h      = W0 x + sum_{j<t} s B_j A_j x + s B_t A_t x
         L_orth = sum_{j<t} sum |A_j A_t^T|       (the official code's L1; the paper writes the squared norm)
 
-    The frozen LoRAs are stacked in buffers sized for all the run's tasks (zeros for the tasks to come), so the
-    adapter's state has one shape for the whole run.
+    The frozen LoRAs are stacked in buffers sized for all the run's tasks (zeros for those to come): one shape.
     """
 
     def __init__(self, base: nn.Linear, r=8, alpha=16, dropout=0.0, num_tasks=1):
@@ -170,16 +169,15 @@ class MoELoRALinear(nn.Module):
         g = softmax(W_g x)                     W_g (E, in), no bias, no top-k
         h = W0 x + s * sum_e g_e B_e A_e x
 
-    Stacked form (ours, exactly equal): z = A_all x for all experts in one matmul, each expert's
-    r/E-slice of z scaled by its g_e, then one matmul with B_all. One LoRA's cost instead of E.
-    """
+    Stacked form (ours, exactly equal): z = A_all x in one matmul, each expert's r/E-slice scaled by g_e, one
+    matmul with B_all: one LoRA's cost instead of E."""
 
     def __init__(self, base: nn.Linear, r=128, alpha=256, num_experts=8, dropout=0.05):
         super().__init__()
         self.base, self.r, self.num_experts, self.scaling = base, r, num_experts, alpha / r
         self.lora_A, self.lora_B = _expert_weights(base, r, num_experts)
-        self.router = nn.Linear(base.in_features, num_experts, bias=False,
-                                device=base.weight.device, dtype=torch.float32)
+        self.router = nn.Linear(base.in_features, num_experts, bias=False, device=base.weight.device,
+                                dtype=torch.float32)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward(self, x):
@@ -197,9 +195,8 @@ SMOLORA_PARTS = (("vu",), ("if",), ("vu", "if"), ("vu", "if", "fusion"))   # the
 
 
 def pick(stacked, experts):
-    """stacked[experts]: the weights (E, ...) of the experts (B, 2, k) each sample keeps, by index_select, whose
-    backward adds in a fixed order; stacked[experts]'s adds in parallel in no fixed order on CPU, and two
-    identical SMoLoRA runs came out different."""
+    """stacked[experts] (E, ...)[(B, P, k)] by index_select, whose backward adds in a fixed order: stacked[experts]'s
+    adds in parallel in no fixed order on CPU, and two identical SMoLoRA runs came out different."""
     return stacked.index_select(0, experts.flatten()).unflatten(0, experts.shape)
 
 
@@ -213,26 +210,22 @@ class SMoLoRALinear(nn.Module):
         [alpha_t, beta_t] = softmax([I_vu . x_vu, I_if . x_if])        per token ("adaptive fusion")
         h = W0 x + alpha_t * x_vu + beta_t * x_if
 
-    The paper's ablation (`parts`): ("vu",) h = W0 x + x_vu; ("if",) h = W0 x + x_if, the other pool unused and
-    untrained; ("vu", "if") h = W0 x + x_vu + x_if; ("vu", "if", "fusion") the full method above.
-    With top_k = 1 (the paper's setting) the softmax over one kept logit is the constant 1, so R_vu and
-    R_if receive no gradient: the papers' routers are never trained and stay the random projections
-    they were initialised as. That is what the official code does too; with top_k >= 2 they learn.
+    The paper's ablation (`parts`): vu: h = W0 x + x_vu, if: h = W0 x + x_if (the other pool unused, untrained);
+    vu,if: h = W0 x + x_vu + x_if; vu,if,fusion: the full method above.
+    With top_k = 1 (the paper's) the softmax over one kept logit is the constant 1, so R_vu and R_if get no
+    gradient: they stay the random projections they were initialised as, as officially; top_k >= 2 trains them.
     """
 
     def __init__(self, base: nn.Linear, r=128, alpha=256, num_experts=8, top_k=1, ins_dim=None,
                  dropout=0.05, parts=SMOLORA_PARTS[-1]):
         super().__init__()
         if tuple(parts) not in SMOLORA_PARTS:
-            raise ValueError(f"SMoLoRA parts {','.join(parts)!r} are not allowed: choose one of "
-                             f"{', '.join(','.join(p) for p in SMOLORA_PARTS)}")
+            raise ValueError(f"SMoLoRA parts {parts} are not allowed: choose one of {SMOLORA_PARTS}")
         if num_experts < 2 or num_experts % 2:
-            raise ValueError(f"num_experts={num_experts} is not allowed for SMoLoRA: "
-                             f"it must be even (two pools of E/2 experts)")
+            raise ValueError(f"num_experts={num_experts} is not allowed for SMoLoRA: it must be even (two pools)")
         pool = num_experts // 2
         if not 1 <= top_k <= pool:
-            raise ValueError(f"top_k={top_k} is not allowed with num_experts={num_experts}: "
-                             f"top_k must be between 1 and the pool size {pool}")
+            raise ValueError(f"top_k={top_k} is not allowed with num_experts={num_experts}: between 1 and {pool}")
         self.base, self.r, self.num_experts, self.top_k = base, r, num_experts, top_k
         self.scaling, self.fusion = alpha / r, "fusion" in parts
         self.pools = [pool for pool, name in enumerate(("vu", "if")) if name in parts]   # 0: VU, 1: IF
@@ -240,7 +233,7 @@ class SMoLoRALinear(nn.Module):
         kw = dict(device=base.weight.device, dtype=torch.float32)
         self.vu_router = nn.Linear(base.in_features, pool, bias=False, **kw)                # R_vu
         self.if_router = nn.Linear(ins_dim or base.in_features, pool, bias=False, **kw)     # R_if
-        # I_vu, I_if (1, out): no bias, as the paper writes and the official code builds them (Linear(out, 1, bias=False))
+        # I_vu, I_if (1, out): no bias, as the paper writes and the official code builds them (bias=False)
         if self.fusion:
             self.fuse_vu = nn.Linear(base.out_features, 1, bias=False, **kw)
             self.fuse_if = nn.Linear(base.out_features, 1, bias=False, **kw)
@@ -743,7 +736,7 @@ def adapter_hparams(cfg, ins_dim=None):
 def variant_note(cfg):
     """What the report says of SMoLoRA's knobs where they leave the paper's full method routed per sample."""
     said = [f"ablation: parts {cfg['smolora_parts']}"] if cfg["smolora_parts"] not in (None, "vu,if,fusion") else []
-    said += ["IF router told each task's identity (an oracle, as the official code)"] if cfg["if_routing"] == "task" else []
+    said += ["IF router told each task's identity (an oracle, as officially)"] if cfg["if_routing"] == "task" else []
     said += [f"f(X_ins) by the sentence encoder {cfg['ins_encoder']}"] if cfg["ins_encoder"] else []
     return "".join(f"; {s}" for s in said)
 
@@ -855,14 +848,16 @@ def run(cfg, progress=True):
         return with_instruction_embeddings(data.load_records(data_root, task, split, instructions)[:limit], task,
                                            cfg, embed)
     train = {t: records(t, "train", cfg["max_train"]) for t in tasks + list(fewshot)}
-    test = {t: records(t, "test", cfg["max_test"], cfg["instructions"]) for t in dict.fromkeys(tasks + unseen + list(fewshot))}
+    test = {t: records(t, "test", cfg["max_test"], cfg["instructions"])
+            for t in dict.fromkeys(tasks + unseen + list(fewshot))}
     stages = method.stages(tasks)
 
     def empty(columns):
         return {"tasks": list(columns), "matrix": [[None] * len(columns) for _ in range(len(stages) + 1)],
                 "mif": [[None] * len(columns) for _ in range(len(stages) + 1)]}
     results = {"method": cfg["method"], **empty(tasks), "config": cfg, "stages": stages,
-               "notes": method.notes + variant_note(cfg), "seconds": None, **({"unseen": empty(unseen)} if unseen else {})}
+               "notes": method.notes + variant_note(cfg), "seconds": None,
+               **({"unseen": empty(unseen)} if unseen else {})}
     previous = out / "results.json"       # a resumed run's time so far counts
     earlier_seconds = cfg["resume"] and previous.exists() and json.loads(previous.read_text()).get("seconds") or 0
     ctx = SimpleNamespace(model=model, processor=processor, cfg=cfg, tasks=tasks, train=train, test=test, out=out,
@@ -916,7 +911,8 @@ def run(cfg, progress=True):
         else:   # one epoch on k examples per class (DESIGN.md 3)
             tune(saved, data.fewshot_records(train[task], k, cfg["seed"], task), stage, f"{task}, {k} shots",
                  config={**cfg, "epochs": 1})
-        score, mif = evaluate(model, processor, task, test[task], out / "predictions" / f"fewshot-{k}" / f"{task}.jsonl", cfg)
+        path = out / "predictions" / f"fewshot-{k}" / f"{task}.jsonl"
+        score, mif = evaluate(model, processor, task, test[task], path, cfg)
         results.setdefault("fewshot", {}).setdefault(task, {})[str(k)] = {"score": score, "mif": mif}
         report(f"{task} after {k}-shot tuning")
     return json.loads(previous.read_text())
@@ -925,23 +921,13 @@ def run(cfg, progress=True):
 # ----------------------------------------------------------------------------------------------
 # 6. The command line: `python smolora.py --tasks scienceqa,textvqa`.
 
-def parse_tasks(text, flag="--tasks"):
-    if text in ("coin", "smolora"):
-        return list(data.COIN_TASKS if text == "coin" else data.SMOLORA_TASKS)
-    tasks = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in data.TASKS]
-    if unknown or not tasks or len(set(tasks)) != len(tasks):
-        raise ValueError(f"{flag} {text!r} is not allowed: give distinct names among {', '.join(data.TASKS)}, "
-                         f"or 'coin' or 'smolora'")
-    return tasks
-
-
-def parse_methods(text):
-    methods = list(METHODS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
-    if not methods or len(set(methods)) != len(methods) or any(m not in METHODS for m in methods):
-        raise ValueError(f"--method {text!r} is not allowed: choose one or several (comma-separated, distinct) of "
-                         f"{', '.join(METHODS)}, or 'all'")
-    return methods
+def parse_names(text, flag, allowed, aliases):
+    """A comma-separated list of distinct names among `allowed`, or an alias of a list (e.g. 'coin', 'all')."""
+    names = list(aliases[text]) if text in aliases else [n.strip() for n in text.split(",") if n.strip()]
+    if not names or len(set(names)) != len(names) or any(n not in allowed for n in names):
+        raise ValueError(f"{flag} {text!r} is not allowed: give distinct comma-separated names among "
+                         f"{', '.join(allowed)}, or {' or '.join(map(repr, aliases))}")
+    return names
 
 
 def parse_fewshot(specs, tasks):
@@ -959,18 +945,16 @@ def parse_fewshot(specs, tasks):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Continual visual instruction tuning: tune a LLaVA model on tasks "
-                                            "one after another, evaluate every task after every stage.")
-    p.add_argument("--tasks", required=True, help="comma-separated task names in training order, or 'coin' "
-                                                  "(CoIN's 8) or 'smolora' (SMoLoRA's 6 upstream)")
+    p = argparse.ArgumentParser(description="Continual visual instruction tuning: tune a LLaVA model on tasks one "
+                                            "after another, evaluate every task after every stage.")
+    p.add_argument("--tasks", required=True, help="task names in training order, or coin (CoIN's 8) or smolora")
     p.add_argument("--method", default="smolora", help=f"{' | '.join(METHODS)}; or several, comma-separated, or "
                                                        f"'all': each run in <out>/<method>, compared in <out>")
     p.add_argument("--model", help="a LLaVA checkpoint folder or id (default: the tiny model, built once)")
     p.add_argument("--data", help="a CoIN-format data root (default: the synthetic mini-CoIN, made once)")
     p.add_argument("--out", help="the run folder (default: runs/<method>-<tasks>, or runs/compare-<tasks>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from where it stopped")
-    p.add_argument("--cache", default=str(CACHE), help="where the tiny model and synthetic data are kept "
-                                                       "(default $SMOLORA_CACHE or ~/.cache/smolora)")
+    p.add_argument("--cache", default=str(CACHE), help="the tiny model's and synthetic data's folder ($SMOLORA_CACHE)")
     p.add_argument("--seed", type=int, default=0, help="seed of adapter init, data order and dropout")
     p.add_argument("--epochs", type=float, help="passes over each task's training records")
     p.add_argument("--lr", type=float, help="learning rate of the LLM's adapters (projector's: x0.2)")
@@ -978,16 +962,14 @@ def parse_args(argv=None):
     p.add_argument("--r", type=int, help="total adapter rank (olora: shared by the tasks, r/T each)")
     p.add_argument("--alpha", type=float, help="LoRA alpha: the scale is alpha / r")
     p.add_argument("--experts", type=int, help="number of experts (MoELoRA, SMoLoRA)")
-    p.add_argument("--weight-decay", type=float, help="AdamW's weight decay (default: 0.01 for smolora on a real "
-                                                      "checkpoint, as its scripts; else 0, as CoIN's)")
+    p.add_argument("--weight-decay", type=float, help="AdamW's (default 0.01 for smolora with --model, else 0)")
     p.add_argument("--top-k", type=int, default=1, help="experts kept per pool by SMoLoRA's routers (paper: 1)")
     p.add_argument("--smolora-parts", help="SMoLoRA's ablation: vu | if | vu,if | vu,if,fusion (default, the paper's)")
     p.add_argument("--if-routing", choices=("sample", "task"), help="what SMoLoRA's IF router reads: sample (default) "
                    "each sample's own instruction; task: its task's canonical one, by the task's identity (an oracle)")
-    p.add_argument("--ins-encoder", help="SMoLoRA: embed the instructions with this transformers sentence encoder "
-                                         "(e.g. all-MiniLM-L6-v2's folder), mean-pooled, instead of the LLM's embeddings")
-    p.add_argument("--replay-ratio", type=float, default=REPLAY_RATIO,
-                   help="replay: earlier tasks' samples added to each task, as a share of its own records")
+    p.add_argument("--ins-encoder", help="SMoLoRA: embed instructions with this transformers sentence encoder "
+                                         "(e.g. all-MiniLM-L6-v2's folder), mean-pooled, not the LLM's embeddings")
+    p.add_argument("--replay-ratio", type=float, default=REPLAY_RATIO, help="replay: memory samples per own record")
     p.add_argument("--ewc-lambda", type=float, default=EWC_LAMBDA, help="ewc: weight of the EWC penalty")
     p.add_argument("--olora-lambda", type=float, default=OLORA_LAMBDA, help="olora: weight of the orthogonality loss")
     p.add_argument("--unseen", help="comma-separated tasks never trained, evaluated after every stage (not in AP)")
@@ -1006,10 +988,10 @@ def parse_args(argv=None):
 def make_config(args, method=None):
     """The configuration of the run of `method`, one of --method (default the first): flags given, else the
     defaults for a real checkpoint or the tiny model. With several methods, each runs in <out>/<method>."""
-    methods = parse_methods(args.method)
-    method = method or methods[0]
-    tasks = parse_tasks(args.tasks)
-    unseen = parse_tasks(args.unseen, "--unseen") if args.unseen else []
+    methods = parse_names(args.method, "--method", METHODS, {"all": METHODS})
+    method, task_lists = method or methods[0], {"coin": data.COIN_TASKS, "smolora": data.SMOLORA_TASKS}
+    tasks = parse_names(args.tasks, "--tasks", data.TASKS, task_lists)
+    unseen = parse_names(args.unseen, "--unseen", data.TASKS, task_lists) if args.unseen else []
     if set(unseen) & set(tasks):
         raise ValueError(f"--unseen {args.unseen!r} is not allowed: unseen tasks must not be among --tasks")
     defaults = PAPER_DEFAULTS if args.model else TINY_DEFAULTS
@@ -1057,7 +1039,8 @@ def make_config(args, method=None):
 def main(argv=None):
     try:
         args = parse_args(argv)
-        configs = [make_config(args, method) for method in parse_methods(args.method)]   # all checked first
+        methods = parse_names(args.method, "--method", METHODS, {"all": METHODS})
+        configs = [make_config(args, method) for method in methods]   # all checked first
         runs = []
         for cfg in configs:
             print("configuration: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
