@@ -1019,7 +1019,9 @@ def make_config(args, method=None):
     if tuple(parts.split(",")) not in SMOLORA_PARTS:
         raise ValueError(f"--smolora-parts {parts!r} is not allowed: choose "
                          f"{' | '.join(','.join(p) for p in SMOLORA_PARTS)}")
-    out = args.out or f"runs/{method}-{'-'.join(tasks)}"
+    variant = [parts.replace(",", "+") if parts != "vu,if,fusion" else "", args.if_routing == "task" and "task-routing",
+               args.ins_encoder and "encoder"] if method == "smolora" else []    # a SMoLoRA variant: its own folder
+    out = args.out or f"runs/{'-'.join([method, *filter(None, variant)])}-{'-'.join(tasks)}"
     if len(methods) > 1:
         out = Path(args.out or f"runs/compare-{'-'.join(tasks)}") / method
     return {"method": method, "tasks": tasks, "model": args.model,
