@@ -879,8 +879,12 @@ def run(cfg, progress=True):
                                                                                    test[task], path, cfg)
         report(f"after stage {stage} of {len(stages)}")
 
-    def tune(saved, records, stage, name, penalty=None, config=cfg):
-        train_stage(model, processor, records, config, stage, out, name, penalty)
+    def tune(saved, stage, name, records, start=lambda: None, config=cfg):
+        """Tune on records(), with the penalty start() returns, and save; when resuming, load what was saved."""
+        if cfg["resume"] and saved.exists():
+            return load_adapter_state_dict(model, safetensors.torch.load_file(saved))
+        penalty = start()
+        train_stage(model, processor, records(), config, stage, out, name, penalty)
         saved.parent.mkdir(exist_ok=True)
         eval.write_atomic(saved, safetensors.torch.save(adapter_state_dict(model)))
         (out / "checkpoint.pt").unlink(missing_ok=True)
@@ -891,12 +895,8 @@ def run(cfg, progress=True):
         add_adapters(model, method.adapter, **adapter_hparams(cfg, encoder and encoder[0].config.hidden_size))
     ctx.fresh = adapter_state_dict(model)
     for stage, name in enumerate(stages, 1):
-        saved = out / "adapters" / f"stage{stage}.safetensors"
-        if cfg["resume"] and saved.exists():
-            load_adapter_state_dict(model, safetensors.torch.load_file(saved))
-        else:
-            penalty = method.start(ctx, stage)
-            tune(saved, method.records(ctx, stage), stage, name, penalty)
+        tune(out / "adapters" / f"stage{stage}.safetensors", stage, name, lambda: method.records(ctx, stage),
+             lambda: method.start(ctx, stage))
         method.end(ctx, stage)
         evaluate_row(stage)
     if not stages:
@@ -905,12 +905,8 @@ def run(cfg, progress=True):
     final = adapter_state_dict(model)
     for stage, (task, k) in enumerate([(t, k) for t, shots in fewshot.items() for k in shots], len(stages) + 1):
         load_adapter_state_dict(model, final)          # each k from the same final adapters
-        saved = out / "adapters" / f"fewshot-{task}-{k}.safetensors"
-        if cfg["resume"] and saved.exists():
-            load_adapter_state_dict(model, safetensors.torch.load_file(saved))
-        else:   # one epoch on k examples per class (DESIGN.md 3)
-            tune(saved, data.fewshot_records(train[task], k, cfg["seed"], task), stage, f"{task}, {k} shots",
-                 config={**cfg, "epochs": 1})
+        tune(out / "adapters" / f"fewshot-{task}-{k}.safetensors", stage, f"{task}, {k} shots",   # one epoch on
+             lambda: data.fewshot_records(train[task], k, cfg["seed"], task), config={**cfg, "epochs": 1})  # k a class
         path = out / "predictions" / f"fewshot-{k}" / f"{task}.jsonl"
         score, mif = evaluate(model, processor, task, test[task], path, cfg)
         results.setdefault("fewshot", {}).setdefault(task, {})[str(k)] = {"score": score, "mif": mif}
