@@ -736,7 +736,8 @@ def adapter_hparams(cfg, ins_dim=None):
 def variant_note(cfg):
     """What the report says of SMoLoRA's knobs where they leave the paper's full method routed per sample."""
     said = [f"ablation: parts {cfg['smolora_parts']}"] if cfg["smolora_parts"] not in (None, "vu,if,fusion") else []
-    said += ["IF router told each task's identity (an oracle, as officially)"] if cfg["if_routing"] == "task" else []
+    said += ["the IF router reads each task's canonical instruction, by its identity (an oracle, as officially)"
+             ] if cfg["if_routing"] == "task" else []
     said += [f"f(X_ins) by the sentence encoder {cfg['ins_encoder']}"] if cfg["ins_encoder"] else []
     return "".join(f"; {s}" for s in said)
 

@@ -290,3 +290,18 @@ def test_bad_variant_flags_exit_with_status_2(micro, tmp_path, capsys):
         message_line = exits_with_2(run_args(micro, tmp_path / "out", *extra), capsys)
         assert message in message_line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_smolora_variant_runs_in_its_own_folder_and_other_methods_carry_no_smolora_knobs():
+    def config(*extra, method=None):
+        return smolora.make_config(smolora.parse_args(["--tasks", "scienceqa,gqa", *extra]), method)
+    default = config()
+    assert (default["out"], default["if_routing"], default["smolora_parts"]) == (
+        "runs/smolora-scienceqa-gqa", "sample", "vu,if,fusion")
+    assert config("--smolora-parts", "vu")["out"] == "runs/smolora-vu-scienceqa-gqa"
+    assert config("--if-routing", "task", "--smolora-parts", "vu,if")["out"] == \
+        "runs/smolora-vu+if-task-routing-scienceqa-gqa"
+    lora = config("--method", "lora,smolora", "--if-routing", "task", method="lora")
+    assert (lora["if_routing"], lora["smolora_parts"], lora["ins_encoder"]) == (None, None, None)
+    assert config("--fewshot", "places365:5,10", "--fewshot", "vizwiz:1")["fewshot"] == {"places365": [5, 10],
+                                                                                        "vizwiz": [1]}
