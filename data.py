@@ -753,8 +753,9 @@ class Collator:
     """Records -> {input_ids (B, L), attention_mask (B, L), pixel_values (B, 3, H, W), ins_mask (B, L), when
     train labels (B, L), and ins_embedding (B, d) when the records carry one}. Train: prompt + " " + answer + EOS,
     right-padded, labels -100 except on the answer's tokens and the EOS. Eval: the prompt alone, left-padded for
-    generate. ins_mask is True on the instruction's tokens, which SMoLoRA's instruction router averages over (DESIGN.md section 2.3). Sequences longer than
-    max_length are cut at the end in training (as LLaVA's model_max_length); a prompt that long is an error."""
+    generate. ins_mask is True on the instruction's tokens, which SMoLoRA's instruction router averages over
+    (DESIGN.md section 2.3). Sequences longer than max_length are cut at the end in training (as LLaVA's
+    model_max_length); a prompt that long is an error."""
 
     def __init__(self, processor, train, max_length=None):
         self.processor, self.train, self.max_length = processor, train, max_length
