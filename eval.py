@@ -570,6 +570,11 @@ def _markdown(results):
         for name, row in zip(_row_names(results), matrix):
             lines.append(f"| {name} | " + " | ".join(_cell(v) for v in row) + " |")
         lines.append("")
+    if results.get("fewshot"):
+        lines += ["## Few-shot: each tuned 1 epoch on k examples per class, from the final adapters (not in AP)", "",
+                  "| task | k | score | MIF |", "|---|---:|---:|---:|"]
+        lines += [f"| {task} | {k} | {_cell(v['score'])} | {_cell(v['mif'])} |"
+                  for task, shots in results["fewshot"].items() for k, v in shots.items()] + [""]
     metrics = results["metrics"]
     lines += ["## Metrics", "", "| " + " | ".join(METRICS) + " |", "|" + "---:|" * len(METRICS),
               "| " + " | ".join(_cell(metrics[k]) for k in METRICS) + " |", "",
@@ -814,6 +819,10 @@ def rescore_run(run_dir, judge=None, device="cpu", dtype="float32"):
                     raise ValueError(f"{pred_path}: question ids do not match the {len(test_ids)} test records of "
                                      f"{task} in {data_root}")
                 table["matrix"][t][i], table["mif"][t][i] = score_predictions(task, predictions)
+    for task, shots in (old.get("fewshot") or {}).items():     # predictions/fewshot-<k>/<task>.jsonl
+        results.setdefault("fewshot", {})[task] = {k: dict(zip(("score", "mif"), score_predictions(
+            task, load_predictions(os.path.join(run_dir, "predictions", f"fewshot-{k}", f"{task}.jsonl")))))
+            for k in shots}
     if judge:
         judge_run(run_dir, results, judge, device, dtype)
         results["knowledge_judge"] = judge

@@ -48,7 +48,7 @@ def test_each_method_runs_end_to_end(micro, method):
     run = micro / "compare" / method
     saved = results(run)
     stages = {"zeroshot": 0, "multitask": 1}.get(method, len(TASKS))
-    assert saved["method"] == method and saved["notes"] == smolora.METHODS[method][1]
+    assert saved["method"] == method and saved["notes"] == smolora.METHODS[method].notes
     for table in (saved, saved["unseen"]):
         assert len(table["matrix"]) == len(table["mif"]) == stages + 1
         assert all(v is not None for row in table["matrix"] + table["mif"] for v in row)
@@ -251,7 +251,7 @@ def test_dual_forgetting_by_hand():
 
 
 def test_bad_method_flags_exit_with_status_2(micro, tmp_path, capsys):
-    for extra, message in [(["--method", "lora,lora"], "'lora,lora'"), (["--method", "lora,dora"], "'lora,dora'"),
+    for extra, message in [(["--method", "lora,lora"], "'lora,lora'"), (["--method", "lora,qlora"], "'lora,qlora'"),
                            (["--unseen", "grounding"], "--unseen 'grounding'"),
                            (["--replay-ratio", "1.5"], "--replay-ratio 1.5"),
                            (["--ewc-lambda", "0"], "--ewc-lambda 0")]:

@@ -187,7 +187,7 @@ def exits_with_2(args, capsys):
 
 
 def test_bad_input_exits_with_status_2(micro, tmp_path, capsys):
-    assert "'dora'" in exits_with_2(run_args(micro, tmp_path / "a", "dora"), capsys)
+    assert "'qlora'" in exits_with_2(run_args(micro, tmp_path / "a", "qlora"), capsys)
     assert "'scienceqa,chess'" in exits_with_2(["--tasks", "scienceqa,chess"], capsys)
     (tmp_path / "notllava").mkdir()
     args = run_args(micro, tmp_path / "b")
