@@ -553,40 +553,40 @@ def _cell(value):
     return "–" if value is None else f"{value:.2f}"
 
 
+def _table(corner, columns, rows):
+    """Markdown lines: `corner` above the row names, then `columns` (right-aligned); rows are (name, cells)."""
+    lines = [" | ".join([f"| {corner}".rstrip(), *columns]) + " |", "|---|" + "---:|" * len(columns)]
+    return lines + [" | ".join([f"| {name}", *cells]) + " |" for name, cells in rows] + [""]
+
+
 def _markdown(results):
-    tasks = results["tasks"]
+    tasks, unseen = results["tasks"], results.get("unseen")
     lines = [f"# {results['method']}: {' -> '.join(tasks)}", ""]
-    if results.get("notes"):
-        lines += [results["notes"], ""]
+    lines += [results["notes"], ""] if results.get("notes") else []
     tables = [("Score (%; CIDEr x100 for captions)", tasks, results["matrix"]),
               ("Instruction following (MIF, % of answers in the asked format)", tasks, results["mif"]),
               (f"Knowledge (%, whatever the format; {_judge_name(results)})", tasks, results["knowledge"])]
-    if results.get("unseen"):
-        unseen = results["unseen"]
+    if unseen:
         tables += [("Unseen tasks, never trained (zero-shot transfer; not in AP): score", unseen["tasks"],
                     unseen["matrix"]), ("Unseen tasks: instruction following", unseen["tasks"], unseen["mif"])]
     for title, columns, matrix in tables:
-        lines += [f"## {title}", "", "| | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-        for name, row in zip(_row_names(results), matrix):
-            lines.append(f"| {name} | " + " | ".join(_cell(v) for v in row) + " |")
-        lines.append("")
+        rows = [(name, [_cell(v) for v in row]) for name, row in zip(_row_names(results), matrix)]
+        lines += [f"## {title}", ""] + _table("", columns, rows)
     if results.get("fewshot"):
-        lines += ["## Few-shot: each tuned 1 epoch on k examples per class, from the final adapters (not in AP)", "",
-                  "| task | k | score | MIF |", "|---|---:|---:|---:|"]
-        lines += [f"| {task} | {k} | {_cell(v['score'])} | {_cell(v['mif'])} |"
-                  for task, shots in results["fewshot"].items() for k, v in shots.items()] + [""]
-    metrics = results["metrics"]
+        lines += ["## Few-shot: each tuned 1 epoch on k examples per class, from the final adapters (not in AP)", ""]
+        rows = [(task, (k, _cell(v["score"]), _cell(v["mif"]))) for task, shots in results["fewshot"].items()
+                for k, v in shots.items()]
+        lines += _table("task", ("k", "score", "MIF"), rows)
     lines += ["## Metrics", "", "| " + " | ".join(METRICS) + " |", "|" + "---:|" * len(METRICS),
-              "| " + " | ".join(_cell(metrics[k]) for k in METRICS) + " |", "",
+              "| " + " | ".join(_cell(results["metrics"][k]) for k in METRICS) + " |", "",
               "– : not evaluated, or the run is incomplete (metrics need every stage). "
               "BWT and forgetting divide by T-1 (CoIN's tables by T).", ""]
     if results.get("dual_forgetting"):
-        lines += ["## Dual forgetting: each earlier task's drop from right after learning it to the end", "",
-                  "| task | drop | format broke, knowledge kept | format broke, knowledge lost | "
-                  "format held, answer wrong |", "|---|---:|---:|---:|---:|"]
-        lines += [f"| {task} | " + " | ".join(_cell(d[k]) for k in ("drop", *SPLIT)) + " |"
-                  for task, d in results["dual_forgetting"].items()]
-        lines += ["", "Points of score lost on the samples whose final answer fails the task's format, weighted by "
+        lines += ["## Dual forgetting: each earlier task's drop from right after learning it to the end", ""]
+        rows = [(task, [_cell(d[k]) for k in ("drop", *SPLIT)]) for task, d in results["dual_forgetting"].items()]
+        lines += _table("task", ("drop", "format broke, knowledge kept", "format broke, knowledge lost",
+                                 "format held, answer wrong"), rows)
+        lines += ["Points of score lost on the samples whose final answer fails the task's format, weighted by "
                   "its knowledge (kept: the instruction alignment was lost, CoIN's finding) and by the rest (lost), "
                   f"and on those that keep the format (the skill forgotten); knowledge by the {_judge_name(results)}; "
                   "negative: gained. Caption tasks split the per-sample CIDEr-D, not the corpus one.", ""]
@@ -849,28 +849,22 @@ def _comparison_rows(runs):
 
 
 def _comparison_markdown(runs):
-    rows, tasks = _comparison_rows(runs), runs[0]["tasks"]
-    columns = (*COMPARED, *SPLIT, "unseen")
+    tasks, earlier, columns = runs[0]["tasks"], runs[0]["tasks"][:-1], (*COMPARED, *SPLIT, "unseen")
     lines = [f"# Comparison: {' -> '.join(tasks)}", "",
-             "Each method tuned on the same tasks, in this order, from the same base model and seed.", "",
-             "| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    lines += [f"| {r['method']} | " + " | ".join(_cell(row[k]) for k in columns) + " |" for r, row in zip(runs, rows)]
-    lines += ["", "AP, MAP, BWT, forgetting, MIF, GK as in each run's matrix.md (DESIGN.md section 6). "
+             "Each method tuned on the same tasks, in this order, from the same base model and seed.", ""]
+    lines += _table("method", columns, [(r["method"], [_cell(row[k]) for k in columns])
+                                        for r, row in zip(runs, _comparison_rows(runs))])
+    lines += ["AP, MAP, BWT, forgetting, MIF, GK as in each run's matrix.md (DESIGN.md section 6). "
               "format_broke_knowledge_kept / _lost, format_held: the mean drop of an earlier task, in points, on the "
               "samples whose final answer broke the task's format but kept / lost its content, and on those that "
               "kept the format but were wrong (dual forgetting). unseen: the mean final score on the tasks never "
               "trained. – : not defined for the method, or not run.", ""]
     lines += [f"- **{r['method']}**: {r['notes']}" for r in runs if r.get("notes")]
-    earlier = tasks[:-1]
     if any(r.get("dual_forgetting") for r in runs):
+        split = [(r["method"], [" / ".join(f"{r['dual_forgetting'][t][k]:.1f}" for k in SPLIT)
+                                if t in (r.get("dual_forgetting") or {}) else "–" for t in earlier]) for r in runs]
         lines += ["", "## Dual forgetting per earlier task: format broke, knowledge kept / format broke, knowledge "
-                  "lost / format held (points)", "",
-                  "| method | " + " | ".join(earlier) + " |", "|---|" + "---:|" * len(earlier)]
-        for r in runs:
-            dual = r.get("dual_forgetting") or {}
-            lines.append(f"| {r['method']} | " + " | ".join(
-                " / ".join(f"{dual[t][k]:.1f}" for k in SPLIT) if t in dual else "–"
-                for t in earlier) + " |")
+                  "lost / format held (points)", ""] + _table("method", earlier, split)
     return "\n".join(lines) + "\n"
 
 
@@ -962,10 +956,8 @@ def _routing_markdown(method, picks, pool_size):
              f"routing at random over {pool_size} experts would give. A task's overlap with itself below 100 means "
              f"its own samples are spread over several experts.", ""]
     for pool, name in enumerate(POOLS):
-        overlap = routing_overlap(picks, pool)
-        lines += [f"## {name} pool", "", "| | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
-        lines += [f"| {task} | " + " | ".join(_cell(v) for v in row) + " |" for task, row in zip(tasks, overlap)]
-        lines.append("")
+        rows = [(task, [_cell(v) for v in row]) for task, row in zip(tasks, routing_overlap(picks, pool))]
+        lines += [f"## {name} pool", ""] + _table("", tasks, rows)
     return "\n".join(lines)
 
 
