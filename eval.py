@@ -1,15 +1,12 @@
-"""Evaluation: per-task scoring, instruction following, continual metrics, generation and the report.
+"""Evaluation: scoring, instruction following, knowledge, continual metrics, generation and the reports.
 
-Read top to bottom: answer normalisation and the scorers of DESIGN.md section 5, `score` / `task_score`,
-the instruction-following check behind MIF, knowledge whatever the format (section 5b: a rule judge, and CoIN's
-LLM judge), the continual metrics of section 6, batched greedy generation, the report a person reads
-(results.json, matrix.md, matrix.png, with the dual-forgetting split), the comparison of methods (compare.md,
-compare.png), and which tasks SMoLoRA's routers send to the same experts (routing.md, routing.png).
+Read top to bottom: the scorers of DESIGN.md section 5 (`score`, `task_score`), the instruction-following check
+behind MIF, knowledge whatever the format (section 5b: a rule judge, and CoIN's LLM judge), the continual metrics
+of section 6, batched greedy generation, a run's report (results.json, matrix.md, matrix.png, with the dual-forgetting
+split), the comparison of methods (compare.md, .png) and where SMoLoRA routes each task (routing.md, .png).
 `python eval.py RUN_DIR [--judge MODEL]` re-scores a run's saved predictions and rewrites its report, so a scorer
-fix never needs retraining.
-
-The official code's quirks (DESIGN.md section 5) are not copied: an empty prediction is wrong everywhere,
-no digit of a box is dropped, and matching is never case-sensitive.
+fix never needs retraining. The official code's quirks (DESIGN.md section 5) are not copied: an empty prediction
+is wrong everywhere, no digit of a box is dropped, and matching is never case-sensitive.
 """
 import argparse
 import io
@@ -21,6 +18,7 @@ import string
 import sys
 import tempfile
 from collections import Counter
+from itertools import accumulate
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -606,46 +604,45 @@ def _colour(value):
     return tuple(round(a + (b - a) * (x - i)) for a, b in zip(COLOUR_STOPS[i], COLOUR_STOPS[i + 1]))
 
 
+def _canvas(width, height, font):
+    """A white image, its ImageDraw, and text(xy, words, anchor=None, fill="black") that writes in `font`."""
+    image = Image.new("RGB", (int(width), int(height)), "white")
+    draw = ImageDraw.Draw(image)
+    return image, draw, lambda xy, words, anchor=None, fill="black": draw.text(xy, words, fill, font, anchor)
+
+
 def _heatmaps_png(panels, columns, row_names):
     """Percent matrices as heatmaps (title, matrix), one above the other, rows named row_names (a row not there
     yet is drawn empty), with a shared colour scale on the right."""
     font = ImageFont.load_default(size=14)
     label_w = max(font.getlength(n) for n in row_names) + 16
     cell_w, cell_h, pad = max(72, max(font.getlength(c) for c in columns) + 14), 30, 12
-    grid_w = cell_w * len(columns)
-    content_w = max(label_w + grid_w, *(font.getlength(title) for title, _ in panels))
+    content_w = max(label_w + cell_w * len(columns), *(font.getlength(title) for title, _ in panels))
     panel_h = 2 * cell_h + cell_h * len(row_names)  # title, column names, the rows
-    width, height = int(pad + content_w + 110), int(pad + len(panels) * (panel_h + pad))
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
+    image, draw, text = _canvas(pad + content_w + 110, pad + len(panels) * (panel_h + pad), font)
     for p, (title, matrix) in enumerate(panels):
-        top = pad + p * (panel_h + pad)
-        left = pad + label_w
-        draw.text((pad, top + 6), title, fill="black", font=font)
+        top, left = pad + p * (panel_h + pad), pad + label_w
+        text((pad, top + 6), title)
         for i, column in enumerate(columns):
-            draw.text((left + i * cell_w + cell_w / 2, top + 1.5 * cell_h), column, fill="black", font=font,
-                      anchor="mm")
+            text((left + i * cell_w + cell_w / 2, top + 1.5 * cell_h), column, "mm")
         for t, name in enumerate(row_names):
             y = top + (2 + t) * cell_h
-            draw.text((left - 8, y + cell_h / 2), name, fill="black", font=font, anchor="rm")
-            row = matrix[t] if t < len(matrix) else [None] * len(columns)
-            for i, value in enumerate(row):
+            text((left - 8, y + cell_h / 2), name, "rm")
+            for i, value in enumerate(matrix[t] if t < len(matrix) else [None] * len(columns)):
                 box = (left + i * cell_w, y, left + (i + 1) * cell_w - 1, y + cell_h - 1)
                 fill = (225, 225, 225) if value is None else _colour(value)
                 draw.rectangle(box, fill=fill)
-                ink = "black" if sum(fill) / 3 > 110 else "white"
-                draw.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "-" if value is None else f"{value:.1f}",
-                          fill=ink, font=font, anchor="mm")
-    bar_left, bar_top, bar_h = pad + content_w + 24, pad + 2 * cell_h, height - 2 * pad - 2 * cell_h
-    draw.text((bar_left, pad + 6), "%", fill="black", font=font)
+                text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "-" if value is None else f"{value:.1f}", "mm",
+                     "black" if sum(fill) / 3 > 110 else "white")
+    bar_left, bar_top, bar_h = pad + content_w + 24, pad + 2 * cell_h, image.height - 2 * pad - 2 * cell_h
+    text((bar_left, pad + 6), "%")
     for y in range(bar_h):
         draw.line((bar_left, bar_top + y, bar_left + 18, bar_top + y), fill=_colour(100.0 * (1 - y / (bar_h - 1))))
     for tick in (0, 25, 50, 75, 100):
         y = bar_top + (1 - tick / 100) * (bar_h - 1)
         draw.line((bar_left + 18, y, bar_left + 23, y), fill="black")
-        draw.text((bar_left + 27, y), f"{tick}" + ("+" if tick == 100 else ""), fill="black", font=font, anchor="lm")
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+        text((bar_left + 27, y), f"{tick}" + ("+" if tick == 100 else ""), "lm")
+    image.save(buffer := io.BytesIO(), format="PNG")
     return buffer.getvalue()
 
 
@@ -781,6 +778,29 @@ def write_report(run_dir, results):
     return results
 
 
+def _rescored(run_dir, old, tasks):
+    """{"matrix", "mif"} of tasks, rebuilt from run_dir's saved predictions (None where a stage has none); old: the
+    run's results.json."""
+    config, rows = old.get("config") or {}, len(_stages(old)) + 1
+    cells = [[(None, None)] * len(tasks) for _ in range(rows)]  # (score, MIF) per stage and task
+    for i, task in enumerate(tasks):
+        _task(task)
+        test_ids, root = None, config.get("data")
+        if root and os.path.isdir(root):  # the run's share of the test records
+            test_ids = Counter(str(r["id"]) for r in data.load_records(root, task, "test")[:config.get("max_test")])
+        for t in range(rows):
+            path = _predictions_path(run_dir, t, task)
+            if os.path.isfile(path):
+                predictions = load_predictions(path)
+                if not predictions:
+                    raise ValueError(f"{path} is empty")
+                if test_ids is not None and Counter(str(p["question_id"]) for p in predictions) != test_ids:
+                    raise ValueError(f"{path}: question ids do not match the {len(test_ids)} test records of {task} "
+                                     f"in {root}")
+                cells[t][i] = score_predictions(task, predictions)
+    return {name: [[cell[k] for cell in row] for row in cells] for k, name in enumerate(("matrix", "mif"))}
+
+
 def rescore_run(run_dir, judge=None, device="cpu", dtype="float32"):
     """Rebuild matrix and mif (and the unseen tasks') from run_dir/predictions/stage<t>/<task>.jsonl (stage0 =
     zero-shot), keep the rest of run_dir/results.json, and rewrite the report; knowledge by the LLM `judge` (a
@@ -791,34 +811,10 @@ def rescore_run(run_dir, judge=None, device="cpu", dtype="float32"):
     old = data.read_json(path)
     if not isinstance(old, dict) or not {"method", "tasks"} <= old.keys():
         raise ValueError(f"{path} needs at least 'method' and 'tasks'")
-    config = old.get("config") or {}
-    data_root, rows = config.get("data"), len(_stages(old)) + 1
     results = {k: old.get(k) for k in ("method", "tasks", "config", "seconds")}
-    results |= {k: old[k] for k in ("stages", "notes") if k in old}
-    tables = [(results, old["tasks"])]
+    results |= {k: old[k] for k in ("stages", "notes") if k in old} | _rescored(run_dir, old, old["tasks"])
     if old.get("unseen"):
-        results["unseen"] = {"tasks": old["unseen"]["tasks"]}
-        tables.append((results["unseen"], old["unseen"]["tasks"]))
-    for table, tasks in tables:
-        table["matrix"] = [[None] * len(tasks) for _ in range(rows)]
-        table["mif"] = [[None] * len(tasks) for _ in range(rows)]
-        for i, task in enumerate(tasks):
-            _task(task)
-            test_ids = None
-            if data_root and os.path.isdir(data_root):
-                records = data.load_records(data_root, task, "test")[:config.get("max_test")]  # the run's share
-                test_ids = Counter(str(r["id"]) for r in records)
-            for t in range(rows):
-                pred_path = _predictions_path(run_dir, t, task)
-                if not os.path.isfile(pred_path):
-                    continue
-                predictions = load_predictions(pred_path)
-                if not predictions:
-                    raise ValueError(f"{pred_path} is empty")
-                if test_ids is not None and Counter(str(p["question_id"]) for p in predictions) != test_ids:
-                    raise ValueError(f"{pred_path}: question ids do not match the {len(test_ids)} test records of "
-                                     f"{task} in {data_root}")
-                table["matrix"][t][i], table["mif"][t][i] = score_predictions(task, predictions)
+        results["unseen"] = {"tasks": old["unseen"]["tasks"]} | _rescored(run_dir, old, old["unseen"]["tasks"])
     for task, shots in (old.get("fewshot") or {}).items():     # predictions/fewshot-<k>/<task>.jsonl
         results.setdefault("fewshot", {})[task] = {k: dict(zip(("score", "mif"), score_predictions(
             task, load_predictions(os.path.join(run_dir, "predictions", f"fewshot-{k}", f"{task}.jsonl")))))
@@ -874,26 +870,24 @@ SPLIT_COLOURS, BAR = ((240, 170, 60), (220, 80, 60), (59, 82, 139)), (33, 145, 1
 def _comparison_png(runs):
     """A panel of horizontal bars per metric, one bar per method from the zero line, and a last panel with each
     method's mean forgetting split three ways (format broke with knowledge kept, lost; format held), stacked."""
-    font = ImageFont.load_default(size=14)
-    rows = _comparison_rows(runs)
+    font, rows = ImageFont.load_default(size=14), _comparison_rows(runs)
     panels = [(k, [[(row[k], BAR)] for row in rows]) for k in COMPARED]
     panels.append(("forgetting: split", [[(row[k], c) for k, c in zip(SPLIT, SPLIT_COLOURS)] for row in rows]))
     label_w, bar_h, panel_w, pad, top = max(font.getlength(r["method"]) for r in runs) + 16, 26, 190, 14, 44
     width, height = int(pad + label_w + len(panels) * (panel_w + pad)), top + bar_h * len(runs) + 3 * pad + 16
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
+    image, draw, text = _canvas(width, height, font)
     for m, r in enumerate(runs):
-        draw.text((pad + label_w - 8, top + (m + 0.5) * bar_h), r["method"], fill="black", font=font, anchor="rm")
+        text((pad + label_w - 8, top + (m + 0.5) * bar_h), r["method"], "rm")
     for p, (title, bars) in enumerate(panels):
         left = pad + label_w + p * (panel_w + pad)
         # each bar's segment ends, from 0: the panel's scale spans them all
-        ends = [[0.0] + [sum(v for v, _ in bar[:k + 1] if v is not None) for k in range(len(bar))] for bar in bars]
+        ends = [list(accumulate((v or 0.0 for v, _ in bar), initial=0.0)) for bar in bars]
         low, high = min(min(e) for e in ends), max(max(e) for e in ends)
         scale = (panel_w - 80) / (high - low if high > low else 1.0)
 
         def x(value):
             return left + 40 + (value - low) * scale      # 40 px each side for the value's label
-        draw.text((left + panel_w / 2, pad + 8), title, fill="black", font=font, anchor="mm")
+        text((left + panel_w / 2, pad + 8), title, "mm")
         draw.line((x(0), top - 4, x(0), top + bar_h * len(runs)), fill="black")
         for m, (bar, end) in enumerate(zip(bars, ends)):
             y = top + m * bar_h + 4
@@ -901,16 +895,14 @@ def _comparison_png(runs):
                 if value is not None:
                     draw.rectangle((min(x(a), x(b)), y, max(x(a), x(b)), y + bar_h - 8), fill=colour)
             label = "-" if all(v is None for v, _ in bar) else f"{end[-1]:.1f}"
-            draw.text((x(end[-1]) + (-3 if end[-1] < 0 else 3), y + (bar_h - 8) / 2), label, fill="black", font=font,
-                      anchor="rm" if end[-1] < 0 else "lm")
-    legend = tuple(zip(("format broke, knowledge kept", "format broke, knowledge lost", "format held"), SPLIT_COLOURS))
-    left = width - pad - sum(font.getlength(name) + 30 for name, _ in legend)
-    for name, colour in legend:
+            text((x(end[-1]) + (-3 if end[-1] < 0 else 3), y + (bar_h - 8) / 2), label, "rm" if end[-1] < 0 else "lm")
+    legend = ("format broke, knowledge kept", "format broke, knowledge lost", "format held")
+    left = width - pad - sum(font.getlength(name) + 30 for name in legend)
+    for name, colour in zip(legend, SPLIT_COLOURS):
         draw.rectangle((left, height - pad - 12, left + 10, height - pad - 2), fill=colour)
-        draw.text((left + 14, height - pad - 7), name, fill="black", font=font, anchor="lm")
+        text((left + 14, height - pad - 7), name, "lm")
         left += font.getlength(name) + 30
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer := io.BytesIO(), format="PNG")
     return buffer.getvalue()
 
 
