@@ -39,8 +39,7 @@ def _as_list(answer):
 # ----------------------------------------------------------------------------------------------
 # VQA answer normalisation, as the official VQA evaluation (vqaEval.py) does it.
 
-PUNCTUATION = (';', '/', '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-', '>', '<', '@', '`', ',',
-               '?', '!')
+PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'  # each character is a mark
 NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 ARTICLES = {"a", "an", "the"}
@@ -83,11 +82,8 @@ def _contains(text, phrase):
 
 def vqa_accuracy(prediction, answers):
     """VQA soft accuracy: min(#humans that gave the prediction / 3, 1), averaged over the 10-choose-9 subsets.
-
-    With k of the 10 humans agreeing: (k * min((k-1)/3, 1) + (10-k) * min(k/3, 1)) / 10, so 1 -> 0.3,
-    2 -> 0.6, 3 -> 0.9, 4 or more -> 1. One answer (a string or a one-element list) scores by normalised exact
-    match, as if all ten humans had given it.
-    """
+    With k of the 10 humans agreeing: (k * min((k-1)/3, 1) + (10-k) * min(k/3, 1)) / 10, so 1 -> 0.3, 2 -> 0.6,
+    3 -> 0.9, 4 or more -> 1. One answer (a string or a one-element list) scores by normalised exact match."""
     predicted = normalize_answer(prediction)
     return _human_agreement([bool(predicted) and normalize_answer(a) == predicted for a in _as_list(answers)])
 
@@ -101,14 +97,12 @@ def _human_agreement(hits):
 
 
 def parse_letter(prediction, n_options=None):
-    """The option letter (upper case) in a multiple-choice answer, or None.
-
-    Tried in order: the whole output is a letter ("B", "b", "B.", "(B)", "B)"); it starts with one ("B. blue",
-    "(b) blue"); "answer is B" (LLaVA's ScienceQA pattern, so "I think the answer is B" is B; "answer is b." too);
-    else the first one-character word that is a capital letter ("Option B"). Case does not matter where the letter
-    stands marked as an option (CoIN's scorer upper-cases); inside a sentence only a capital counts, so the
-    article in "the answer is a circle" is not option A. With n_options only the first n_options letters count.
-    """
+    """The option letter (upper case) in a multiple-choice answer, or None. Tried in order: the whole output is a
+    letter ("B", "b", "B.", "(B)", "B)"); it starts with one ("B. blue", "(b) blue"); "answer is B" (LLaVA's
+    ScienceQA pattern: "I think the answer is B" is B, "answer is b." too); else the first one-character word that
+    is a capital letter ("Option B"). Case does not matter where the letter stands marked as an option (CoIN's
+    scorer upper-cases); inside a sentence only a capital counts, so the article in "the answer is a circle" is
+    not option A. With n_options only the first n_options letters count."""
     letters = string.ascii_uppercase[:n_options] if n_options else string.ascii_uppercase
     text = prediction.strip()
     found = (re.fullmatch(r"\(?([A-Za-z])[.):]?", text) or re.match(r"\(?([A-Za-z])[.):]\s", text)
@@ -149,11 +143,8 @@ CIDER_SIGMA = 6.0
 
 
 def _caption_ngrams(sentence):
-    """n-gram counts, n = 1..4, and the length in words.
-
-    ours: lower case and words of letters, digits and inner apostrophes stand in for the COCO code's Java
-    PTB tokenizer (which also lower-cases and drops punctuation).
-    """
+    """n-gram counts, n = 1..4, and the length in words. ours: lower case and words of letters, digits and inner
+    apostrophes stand in for the COCO code's Java PTB tokenizer (which also lower-cases and drops punctuation)."""
     words = re.findall(r"\w+(?:'\w+)*", sentence.lower())
     grams = Counter(tuple(words[i:i + n]) for n in range(1, CIDER_N + 1) for i in range(len(words) - n + 1))
     return grams, len(words)
@@ -161,10 +152,8 @@ def _caption_ngrams(sentence):
 
 def _cider_d_per_image(predictions, references, use_idf=True):
     """CIDEr-D of each prediction against its references, before the COCO code's x10 (each value in [0, 1]).
-
-    idf(g) = log(#images) - log(max(1, #images whose references contain g)); with use_idf=False every
-    n-gram weighs 1 (a plain tf cosine), which a one-image corpus needs: there every idf is log 1 - log 1 = 0.
-    """
+    idf(g) = log(#images) - log(max(1, #images whose references contain g)); with use_idf=False every n-gram
+    weighs 1 (a plain tf cosine), which a one-image corpus needs: there every idf is log 1 - log 1 = 0."""
     cands = [_caption_ngrams(p) for p in predictions]
     refs = [[_caption_ngrams(r) for r in image_refs] for image_refs in references]
     doc_freq = Counter(g for image_refs in refs for g in set().union(*(grams for grams, _ in image_refs)))
@@ -206,13 +195,10 @@ def cider(predictions, references):
 # Scoring one sample, one task, and the instruction-following check.
 
 def score(task, prediction, answer):
-    """The score in [0, 1] of one prediction (DESIGN.md section 5).
-
-    answer: the option letter, a string or a list of (10) strings, or a box ([x1, y1, x2, y2] or its text).
-    Caption tasks: CIDEr-D of the pair with every n-gram weighing 1, without the x10 (an exact copy of a
-    single 4+ word reference scores 1). ours: a one-image corpus would give idf = 0 to every n-gram and so
-    always 0; the task-level number, task_score, is the real corpus CIDEr-D.
-    """
+    """The score in [0, 1] of one prediction (DESIGN.md section 5); answer: the option letter, a string or a list
+    of (10) strings, or a box ([x1, y1, x2, y2] or its text). Caption tasks: CIDEr-D of the pair with every n-gram
+    weighing 1, without the x10 (an exact copy of a single 4+ word reference scores 1). ours: a one-image corpus
+    would give idf = 0 to every n-gram, so always 0; the task-level number, task_score, is the corpus CIDEr-D."""
     scorer = _task(task).scorer
     if scorer == "letter":
         return float(parse_letter(prediction) == answer.strip())
@@ -246,12 +232,10 @@ def task_score(task, predictions, answers):
 
 def follows_instruction(task, prediction, answer=None):
     """Whether the output has the FORMAT the task's instruction asks for, whatever its content (SMoLoRA's MIF).
-
-    letter: exactly one letter, either case, as SMoLoRA's check (`strip().upper()` in the options): "B." does
-    not comply, the instruction asks for the letter "directly"; phrase: 1 or 2 words, or equal (normalised)
-    to the ground truth when `answer` is given; bbox: only "[x1, y1, x2, y2]" with 4 numbers in [0, 1];
-    caption: a sentence of more than 4 words ending with ".".
-    """
+    letter: exactly one letter, either case, as SMoLoRA's check (`strip().upper()` in the options): "B." does not
+    comply, the instruction asks for the letter "directly"; phrase: 1 or 2 words, or equal (normalised) to the
+    ground truth when `answer` is given; bbox: only "[x1, y1, x2, y2]" with 4 numbers in [0, 1]; caption: a
+    sentence of more than 4 words ending with "."."""
     kind = _task(task).answer_kind
     text = prediction.strip()
     if kind == "letter":
@@ -286,15 +270,13 @@ def knowledge(task, prediction, answer, prompt=""):
     """Whether the prediction's CONTENT is right, whatever its format: a rule judge in [0, 1].
 
     letter: it names the right option and no other, by letter (a capital standing alone, or either case as the
-      whole answer or marked at its start: "B", "it is B", "b", "(b) circle") or by the option's text (read from
-      the prompt's "A. circle" lines); a capital "A" before a lower-case word is the article.
-    phrase: the normalised ground truth occurs as whole words in the normalised prediction ("The sign says SUN."
-      knows "sun"); with several human answers, VQA soft accuracy with that match in place of equality.
-    bbox: the text holds a box ("[x1, y1, x2, y2]", or in parentheses) and every box in it has IoU > 0.5 with the
-      truth: a list of every object's box does not know which one was asked for.
-    caption: the share of the reference's content words (all but STOP_WORDS: colours, shapes, objects, relations,
-      the written word) that the prediction has, the best over the references.
-    """
+      whole answer or marked at its start: "B", "it is B", "b", "(b) circle") or by the option's text (from the
+      prompt's "A. circle" lines); a capital "A" before a lower-case word is the article. phrase: the normalised
+      ground truth occurs as whole words in the normalised prediction ("The sign says SUN." knows "sun"); with
+      several human answers, VQA soft accuracy with that match in place of equality. bbox: the text holds a box
+      ("[x1, y1, x2, y2]", or in parentheses) and every box in it has IoU > 0.5 with the truth (a list of every
+      object's box does not know which one was asked for). caption: the share of the reference's content words
+      (all but STOP_WORDS) that the prediction has, the best over the references."""
     kind = _task(task).answer_kind
     if kind == "letter":
         options = dict(re.findall(r"^\(?([A-Z])[.)] *(.+?) *$", prompt, re.M))
@@ -331,10 +313,8 @@ JUDGE_PROMPT = (
 
 def parse_judge_score(reply):
     """The judge's score: the first number in [0, 10] in its reply, else 0 (unparseable counts 0, as in CoIN).
-
     ours: CoIN reads float(reply), else the part before "/", else the first DIGIT 1-9 anywhere: "Score: 10" reads
-    1, "-3" reads -3, "15, no, 6" reads 1. Here "Score: 10" is 10, and numbers outside [0, 10] are skipped.
-    """
+    1, "-3" reads -3, "15, no, 6" reads 1. Here "Score: 10" is 10, and numbers outside [0, 10] are skipped."""
     return next((float(n) for n in re.findall(r"-?\d+(?:\.\d+)?", reply) if 0 <= float(n) <= 10), 0.0)
 
 
@@ -369,9 +349,8 @@ def judge_replies(model, tokenizer, chats, batch_size=16, desc="judging"):
         texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
                  for c in chats[start:start + batch_size]]
         batch = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False).to(model.device)
-        with torch.no_grad():
-            output = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    do_sample=False, max_new_tokens=20, pad_token_id=tokenizer.pad_token_id)
+        output = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                do_sample=False, max_new_tokens=20, pad_token_id=tokenizer.pad_token_id)
         replies += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     return replies
 
