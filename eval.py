@@ -373,10 +373,8 @@ def _check_matrix(matrix, name):
 
 def continual_metrics(matrix, zero_shot=None):
     """AP, MFT, MAP, BWT, forgetting and FWT of an accuracy matrix (DESIGN.md section 6), in its units.
-
-    matrix[t][i] = score on task i after training stage t+1 (T rows, T columns, tasks in training order).
-    Cells above the diagonal (tasks not trained yet) may be None; every cell on or below it is needed.
-    zero_shot: the base model's score per task (row 0 of a run's matrix), needed only for FWT.
+    matrix[t][i] = score on task i after training stage t+1 (T rows, T columns, tasks in training order); cells
+    above the diagonal (tasks not trained yet) may be None. zero_shot: the base model's score per task, for FWT.
 
         AP         = (1/T) sum_i A[T][i]
         MFT        = (1/T) sum_i A[i][i]
@@ -393,10 +391,9 @@ def continual_metrics(matrix, zero_shot=None):
     T = len(matrix)
     if len(matrix[0]) != T:
         raise ValueError(f"matrix is {T}x{len(matrix[0])}; it must be square: one row per stage, one column per task")
-    for t in range(T):
-        for i in range(t + 1):
-            if matrix[t][i] is None:
-                raise ValueError(f"matrix[{t}][{i}] is None; every task up to the stage just trained is needed")
+    missing = next(((t, i) for t in range(T) for i in range(t + 1) if matrix[t][i] is None), None)
+    if missing:
+        raise ValueError(f"matrix[{missing[0]}][{missing[1]}] is None; each task up to the stage just trained is needed")
     if zero_shot is not None:
         _check_matrix([zero_shot], "zero_shot")
         if len(zero_shot) != T:
@@ -420,19 +417,15 @@ def continual_metrics(matrix, zero_shot=None):
 # ----------------------------------------------------------------------------------------------
 # Generation: batched greedy decoding with the KV cache.
 
-# Generous for the tiny tokenizer, which spells read words by pieces (a phrase ~12 tokens, a box ~25 with a
-# Llama tokenizer); generation stops at EOS, so the limit only costs when a model babbles, which is what a
-# forgetting model does and what MIF must see.
+# Generous for the tiny tokenizer, which spells words by pieces (a phrase ~12 tokens, a box ~25 with Llama's); the
+# limit only costs when a model babbles instead of stopping at EOS: what a forgetting model does, and MIF must see.
 MAX_NEW_TOKENS = {"letter": 8, "phrase": 20, "bbox": 32, "caption": 48}
 
 
 def generate_predictions(model, processor, records, task, batch_size=16, before_generate=None, desc=None):
-    """Greedy answers of `model` to `records` (data.load_records), in order, as prediction dicts
-    {"question_id", "prompt", "text", "answer"}; text is the decoded answer, stripped.
-
-    before_generate(batch), if given, sees each collated batch (on the model's device, with its "ins_mask")
-    before generate; smolora.py sets SMoLoRA's routing there. ins_mask goes only to the hook.
-    """
+    """Greedy answers of `model` to `records` (data.load_records), in order, as prediction dicts {"question_id",
+    "prompt", "text", "answer"}, text stripped. before_generate(batch), if given, sees each collated batch (on the
+    model's device, with its "ins_mask", which goes only to it) first: smolora.py sets SMoLoRA's routing there."""
     max_new_tokens = MAX_NEW_TOKENS[_task(task).answer_kind]
     collate, tokenizer = data.Collator(processor, train=False), processor.tokenizer
     was_training = model.training
@@ -445,10 +438,9 @@ def generate_predictions(model, processor, records, task, batch_size=16, before_
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
             if before_generate is not None:
                 before_generate(batch)
-            output = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    pixel_values=batch["pixel_values"], do_sample=False,
-                                    max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=tokenizer.eos_token_id)
+            output = model.generate(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")},
+                                    do_sample=False, max_new_tokens=max_new_tokens,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             # left padding: every prompt ends at the same column, the answers start after it
             texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
             predictions += [{"question_id": r["id"], "prompt": r["text"], "text": t.strip(), "answer": r["answer"]}
@@ -493,13 +485,10 @@ METRICS = ("AP", "MFT", "MAP", "BWT", "forgetting", "FWT", "MIF", "GK")
 
 
 def run_metrics(matrix, mif, stages=None, knowledge=None):
-    """The metrics of a run's matrices (row 0 zero-shot, row t after stage t), all None until the run is
-    complete: every task evaluated after each stage up to it, and MIF and GK (CoIN's general knowledge: the
-    mean final knowledge) after the last stage.
-
-    stages: how many training stages the run has (None: one per task, the continual setting). A run of 0 stages
-    (zero-shot) or 1 over all tasks (multitask) has nothing to forget: only AP, MIF and GK of its last row.
-    """
+    """The metrics of a run's matrices (row 0 zero-shot, row t after stage t), all None until the run is complete:
+    every task evaluated after each stage up to it, and MIF and GK (CoIN's general knowledge: the mean final
+    knowledge) after the last stage. stages: how many training stages the run has (None: one per task, the
+    continual setting); a run of 0 (zero-shot) or 1 over all tasks (multitask) has only AP, MIF and GK."""
     T = len(matrix[0])
     last = T if stages is None else stages
 
@@ -630,8 +619,8 @@ SPLIT = ("format_broke_knowledge_kept", "format_broke_knowledge_lost", "format_h
 
 def dual_forgetting(task, before, after, known=None):
     """The drop of a task's score from `before` (its predictions right after it was learned) to `after` (after the
-    last stage), split three ways by the final answer's format and knowledge: dual forgetting (DESIGN.md sections
-    1 and 5b), in points. With d(s) = score_before(s) - score_after(s) and k(s) the final answer's knowledge:
+    last stage), split by the final answer's format and knowledge: dual forgetting (DESIGN.md 1 and 5b), in points.
+    With d(s) = score_before(s) - score_after(s) and k(s) the final answer's knowledge:
 
         drop                        = (100/n) sum_s d(s)
         format_broke_knowledge_kept = (100/n) sum_s k(s) d(s) over the samples whose final answer fails
@@ -724,15 +713,11 @@ def _evaluated(run_dir, results):
 
 def write_report(run_dir, results):
     """Write results.json (DESIGN.md section 8), matrix.md and matrix.png (score, MIF and knowledge as heatmaps)
-    into run_dir, each atomically; return the results as written.
-
-    results: {"method", "tasks", "config", "matrix", "mif", "seconds"} and optionally "stages" (what each stage
-    tuned on, default the tasks), "notes" (a line on the method) and "unseen" ({"tasks", "matrix", "mif"} of
-    tasks never trained). matrix and mif have row 0 zero-shot and row t after stage t, one column per task;
-    rows not run yet may be left out and cells not evaluated be None; "knowledge_judge" names the LLM judge whose
-    replies judge_run cached (default: the rule judge). "knowledge", "metrics" (run_metrics) and "dual_forgetting"
-    are (re)computed here, from the predictions saved in run_dir/predictions.
-    """
+    into run_dir, each atomically; return the results as written. results: {"method", "tasks", "config", "matrix",
+    "mif", "seconds"}, optionally "stages" (default: the tasks), "notes", "unseen" ({"tasks", "matrix", "mif"} of
+    tasks never trained) and "knowledge_judge" (the LLM judge of judge_run; default: the rule judge). matrix rows:
+    0 zero-shot, t after stage t (rows not run yet left out, cells not evaluated None). "knowledge", "metrics" and
+    "dual_forgetting" are (re)computed here from the predictions saved in run_dir/predictions."""
     rows = len(_stages(results)) + 1
     tables = [("", results["tasks"], results)] + ([("unseen ", results["unseen"]["tasks"], results["unseen"])]
                                                   if results.get("unseen") else [])
