@@ -393,7 +393,7 @@ def continual_metrics(matrix, zero_shot=None):
         raise ValueError(f"matrix is {T}x{len(matrix[0])}; it must be square: one row per stage, one column per task")
     missing = next(((t, i) for t in range(T) for i in range(t + 1) if matrix[t][i] is None), None)
     if missing:
-        raise ValueError(f"matrix[{missing[0]}][{missing[1]}] is None; each task up to the stage just trained is needed")
+        raise ValueError(f"matrix[{missing[0]}][{missing[1]}] is None: every task up to the stage trained is needed")
     if zero_shot is not None:
         _check_matrix([zero_shot], "zero_shot")
         if len(zero_shot) != T:
