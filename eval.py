@@ -706,9 +706,8 @@ def judge_run(run_dir, results, judge, device="cpu", dtype="float32"):
 
 def _evaluated(run_dir, results):
     """(stage, task, path) of each evaluated cell of the run's matrix whose predictions are saved."""
-    return [(t, task, _predictions_path(run_dir, t, task)) for t, row in enumerate(results["matrix"])
-            for task, cell in zip(results["tasks"], row)
-            if cell is not None and os.path.isfile(_predictions_path(run_dir, t, task))]
+    return [(t, task, path) for t, row in enumerate(results["matrix"]) for task, cell in zip(results["tasks"], row)
+            if cell is not None and os.path.isfile(path := _predictions_path(run_dir, t, task))]
 
 
 def write_report(run_dir, results):
@@ -719,14 +718,12 @@ def write_report(run_dir, results):
     0 zero-shot, t after stage t (rows not run yet left out, cells not evaluated None). "knowledge", "metrics" and
     "dual_forgetting" are (re)computed here from the predictions saved in run_dir/predictions."""
     rows = len(_stages(results)) + 1
-    tables = [("", results["tasks"], results)] + ([("unseen ", results["unseen"]["tasks"], results["unseen"])]
-                                                  if results.get("unseen") else [])
-    for prefix, tasks, table in tables:
+    for prefix, table in [("", results)] + ([("unseen ", results["unseen"])] if results.get("unseen") else []):
         for name in ("matrix", "mif"):
             _check_matrix(table[name], prefix + name)
-            if len(table[name][0]) != len(tasks) or len(table[name]) > rows:
+            if len(table[name][0]) != len(table["tasks"]) or len(table[name]) > rows:
                 raise ValueError(f"{prefix}{name} is {len(table[name])}x{len(table[name][0])}; expected at most "
-                                 f"{rows} rows (zero-shot + one per stage) of {len(tasks)} tasks")
+                                 f"{rows} rows (zero-shot + one per stage) of {len(table['tasks'])} tasks")
     known = [[None] * len(row) for row in results["matrix"]]  # knowledge in percent, shaped as the matrix
     for t, task, path in _evaluated(run_dir, results):
         cell = _known(task, load_predictions(path), path, results.get("knowledge_judge"))
@@ -814,11 +811,9 @@ def _comparison_markdown(runs):
              "Each method tuned on the same tasks, in this order, from the same base model and seed.", ""]
     lines += _table("method", columns, [(r["method"], [_cell(row[k]) for k in columns])
                                         for r, row in zip(runs, _comparison_rows(runs))])
-    lines += ["AP, MAP, BWT, forgetting, MIF, GK as in each run's matrix.md (DESIGN.md section 6). "
-              "format_broke_knowledge_kept / _lost, format_held: the mean drop of an earlier task, in points, on the "
-              "samples whose final answer broke the task's format but kept / lost its content, and on those that "
-              "kept the format but were wrong (dual forgetting). unseen: the mean final score on the tasks never "
-              "trained. – : not defined for the method, or not run.", ""]
+    lines += ["Metrics as in each run's matrix.md. format_broke_knowledge_kept / _lost, format_held: an earlier task's "
+              "mean drop, in points, on the answers that broke its format but kept / lost their content, and on those "
+              "that kept it but were wrong. unseen: the mean final score on the untrained tasks. –: not defined.", ""]
     lines += [f"- **{r['method']}**: {r['notes']}" for r in runs if r.get("notes")]
     if any(r.get("dual_forgetting") for r in runs):
         split = [(r["method"], [" / ".join(f"{r['dual_forgetting'][t][k]:.1f}" for k in SPLIT)
@@ -906,11 +901,10 @@ def routing_overlap(picks, pool):
 def _routing_markdown(method, picks, pool_size):
     tasks, layers = list(picks), len(next(iter(picks.values()))[0])
     lines = [f"# {method}: which experts the routers pick, after the last stage", "",
-             f"Overlap (%): the chance that a test sample of the row's task and one of the column's task are sent to "
-             f"the same expert of the pool, averaged over the {layers} SMoLoRA layers (`eval.routing_overlap`). "
-             f"100: the two tasks tune and use the same experts everywhere; {100 / pool_size:.0f}: what "
-             f"routing at random over {pool_size} experts would give. A task's overlap with itself below 100 means "
-             f"its own samples are spread over several experts.", ""]
+             f"Overlap (%): the chance that a test sample of the row's task and one of the column's go to the same "
+             f"expert of the pool, averaged over the {layers} SMoLoRA layers (`eval.routing_overlap`); 100: the same "
+             f"experts everywhere, {100 / pool_size:.0f}: routing at random over {pool_size} experts; below 100 on the "
+             "diagonal: a task's own samples spread over several experts.", ""]
     for pool, name in enumerate(POOLS):
         rows = [(task, [_cell(v) for v in row]) for task, row in zip(tasks, routing_overlap(picks, pool))]
         lines += [f"## {name} pool", ""] + _table("", tasks, rows)
