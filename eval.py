@@ -552,10 +552,10 @@ def _markdown(results):
         rows = [(task, [_cell(d[k]) for k in ("drop", *SPLIT)]) for task, d in results["dual_forgetting"].items()]
         lines += _table("task", ("drop", "format broke, knowledge kept", "format broke, knowledge lost",
                                  "format held, answer wrong"), rows)
-        lines += ["Points of score lost on the samples whose final answer fails the task's format, weighted by "
-                  "its knowledge (kept: the instruction alignment was lost, CoIN's finding) and by the rest (lost), "
-                  f"and on those that keep the format (the skill forgotten); knowledge by the {_judge_name(results)}; "
-                  "negative: gained. Caption tasks split the per-sample CIDEr-D, not the corpus one.", ""]
+        lines += ["Points lost on the final answers that fail the task's format, weighted by their knowledge "
+                  "(kept: the instruction alignment was lost, CoIN's finding) and by the rest (lost), and on those "
+                  f"that keep it (the skill forgotten); knowledge by the {_judge_name(results)}; negative: gained. "
+                  "Caption tasks split the per-sample CIDEr-D, not the corpus one.", ""]
     if results.get("seconds") is not None:
         lines.append(f"Run time: {results['seconds']:.0f} s")
     return "\n".join(lines) + "\n"
@@ -792,17 +792,12 @@ def rescore_run(run_dir, judge=None, device="cpu", dtype="float32"):
 COMPARED = ("AP", "MAP", "BWT", "forgetting", "MIF", "GK")
 
 
-def _comparison_rows(runs):
-    """Per run: its metrics, the mean dual-forgetting split over the earlier tasks, the final unseen mean."""
-    rows = []
-    for r in runs:
-        dual = list((r.get("dual_forgetting") or {}).values())
-        split = {k: sum(d[k] for d in dual) / len(dual) if dual else None for k in SPLIT}
-        unseen = (r.get("unseen") or {}).get("matrix")
-        final = unseen[-1] if unseen and len(unseen) == len(_stages(r)) + 1 else None
-        rows.append({**{k: r["metrics"][k] for k in COMPARED}, **split,
-                     "unseen": sum(final) / len(final) if final and None not in final else None})
-    return rows
+def _comparison_row(run):
+    """A run's metrics, its mean dual-forgetting split over the earlier tasks, and its final mean on unseen tasks."""
+    dual, unseen = list((run.get("dual_forgetting") or {}).values()), (run.get("unseen") or {}).get("matrix")
+    final = unseen[-1] if unseen and len(unseen) == len(_stages(run)) + 1 and None not in unseen[-1] else None
+    split = {k: sum(d[k] for d in dual) / len(dual) if dual else None for k in SPLIT}
+    return {**{k: run["metrics"][k] for k in COMPARED}, **split, "unseen": sum(final) / len(final) if final else None}
 
 
 def _comparison_markdown(runs):
@@ -810,7 +805,7 @@ def _comparison_markdown(runs):
     lines = [f"# Comparison: {' -> '.join(tasks)}", "",
              "Each method tuned on the same tasks, in this order, from the same base model and seed.", ""]
     lines += _table("method", columns, [(r["method"], [_cell(row[k]) for k in columns])
-                                        for r, row in zip(runs, _comparison_rows(runs))])
+                                        for r, row in zip(runs, map(_comparison_row, runs))])
     lines += ["Metrics as in each run's matrix.md. format_broke_knowledge_kept / _lost, format_held: an earlier task's "
               "mean drop, in points, on the answers that broke its format but kept / lost their content, and on those "
               "that kept it but were wrong. unseen: the mean final score on the untrained tasks. –: not defined.", ""]
@@ -829,7 +824,7 @@ SPLIT_COLOURS, BAR = ((240, 170, 60), (220, 80, 60), (59, 82, 139)), (33, 145, 1
 def _comparison_png(runs):
     """A panel of horizontal bars per metric, one bar per method from the zero line, and a last panel with each
     method's mean forgetting split three ways (format broke with knowledge kept, lost; format held), stacked."""
-    font, rows = ImageFont.load_default(size=14), _comparison_rows(runs)
+    font, rows = ImageFont.load_default(size=14), [_comparison_row(r) for r in runs]
     panels = [(k, [[(row[k], BAR)] for row in rows]) for k in COMPARED]
     panels.append(("forgetting: split", [[(row[k], c) for k, c in zip(SPLIT, SPLIT_COLOURS)] for row in rows]))
     label_w, bar_h, panel_w, pad, top = max(font.getlength(r["method"]) for r in runs) + 16, 26, 190, 14, 44
@@ -886,8 +881,8 @@ def routing_overlap(picks, pool):
 
         overlap(i, j) = 100 * mean_l sum_e u_i(l, e) u_j(l, e)    u_i(l, e): the share of i's samples sent to e at l
 
-    picks: {task: per sample, per layer, the expert picked in each pool [VU, IF]}. Tasks that share experts
-    share their updates too: a later task's tuning rewrites what an earlier one learned there."""
+    picks: {task: per sample, per layer, the expert picked in each pool [VU, IF]}. Tasks that share experts share
+    their updates too: a later task's tuning rewrites what an earlier one learned there."""
     shares = {}
     for task, samples in picks.items():
         if not samples:
