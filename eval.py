@@ -96,22 +96,21 @@ def _human_agreement(hits):
     return sum(min(sum(hits) - hit, 3) for hit in hits) / (3 * len(hits))
 
 
-def parse_letter(prediction, n_options=None):
+def parse_letter(prediction):
     """The option letter (upper case) in a multiple-choice answer, or None. Tried in order: the whole output is a
     letter ("B", "b", "B.", "(B)", "B)"); it starts with one ("B. blue", "(b) blue"); "answer is B" (LLaVA's
     ScienceQA pattern: "I think the answer is B" is B, "answer is b." too); else the first one-character word that
     is a capital letter ("Option B"). Case does not matter where the letter stands marked as an option (CoIN's
     scorer upper-cases); inside a sentence only a capital counts, so the article in "the answer is a circle" is
-    not option A. With n_options only the first n_options letters count."""
-    letters = string.ascii_uppercase[:n_options] if n_options else string.ascii_uppercase
+    not option A."""
     text = prediction.strip()
     found = (re.fullmatch(r"\(?([A-Za-z])[.):]?", text) or re.match(r"\(?([A-Za-z])[.):]\s", text)
              or re.search(r"answer is \(?([A-Z]\b|[a-z](?=[.):]|\s*$))", text))
-    if found and found.group(1).upper() in letters:
+    if found:
         return found.group(1).upper()
     for word in text.split():
         word = word.strip("()[].,:;!?'\"")
-        if len(word) == 1 and word in letters:
+        if len(word) == 1 and word in string.ascii_uppercase:
             return word
     return None
 
@@ -269,14 +268,14 @@ ANY_BOX = re.compile(r"[\[(]" + ",".join([NUMBER] * 4) + r"[\])]")
 def knowledge(task, prediction, answer, prompt=""):
     """Whether the prediction's CONTENT is right, whatever its format: a rule judge in [0, 1].
 
-    letter: it names the right option and no other, by letter (a capital standing alone, or either case as the
-      whole answer or marked at its start: "B", "it is B", "b", "(b) circle") or by the option's text (from the
-      prompt's "A. circle" lines); a capital "A" before a lower-case word is the article. phrase: the normalised
-      ground truth occurs as whole words in the normalised prediction ("The sign says SUN." knows "sun"); with
-      several human answers, VQA soft accuracy with that match in place of equality. bbox: the text holds a box
-      ("[x1, y1, x2, y2]", or in parentheses) and every box in it has IoU > 0.5 with the truth (a list of every
-      object's box does not know which one was asked for). caption: the share of the reference's content words
-      (all but STOP_WORDS) that the prediction has, the best over the references."""
+    letter: it names the right option and no other, by letter (a capital standing alone, or either case as the whole
+    answer or marked at its start: "B", "it is B", "b", "(b) circle") or by the option's text (the prompt's
+    "A. circle" lines); a capital "A" before a lower-case word is the article.
+    phrase: the normalised ground truth occurs as whole words in the normalised prediction ("The sign says SUN."
+    knows "sun"); with several human answers, VQA soft accuracy with that match in place of equality.
+    bbox: the text holds a box ("[x1, y1, x2, y2]", or in parentheses) and every box in it has IoU > 0.5 with the
+    truth: a list of every object's box does not know which one was asked for.
+    caption: the share of a reference's content words (all but STOP_WORDS) in the prediction, the best reference's."""
     kind = _task(task).answer_kind
     if kind == "letter":
         options = dict(re.findall(r"^\(?([A-Z])[.)] *(.+?) *$", prompt, re.M))
@@ -399,12 +398,9 @@ def continual_metrics(matrix, zero_shot=None):
         if len(zero_shot) != T:
             raise ValueError(f"zero_shot has {len(zero_shot)} scores, the matrix {T} tasks")
     A, last = matrix, matrix[-1]
-    metrics = {
-        "AP": sum(last) / T,
-        "MFT": sum(A[i][i] for i in range(T)) / T,
-        "MAP": sum(sum(A[t][:t + 1]) / (t + 1) for t in range(T)) / T,
-        "BWT": None, "forgetting": None, "FWT": None,
-    }
+    metrics = {"AP": sum(last) / T, "MFT": sum(A[i][i] for i in range(T)) / T,
+               "MAP": sum(sum(A[t][:t + 1]) / (t + 1) for t in range(T)) / T,
+               "BWT": None, "forgetting": None, "FWT": None}
     if T > 1:
         metrics["BWT"] = sum(last[i] - A[i][i] for i in range(T - 1)) / (T - 1)
         metrics["forgetting"] = sum(max(A[t][i] for t in range(i, T - 1)) - last[i] for i in range(T - 1)) / (T - 1)
@@ -909,11 +905,10 @@ def _routing_markdown(method, picks, pool_size):
 def write_routing(run_dir, method, picks, pool_size):
     """routing.md and routing.png in run_dir: the VU and IF pools' overlap between every pair of tasks.
     picks as routing_overlap takes them; pool_size the experts in each pool (E/2)."""
-    tasks = list(picks)
     panels = [(f"{method}: {name} pool, % same expert", routing_overlap(picks, pool))
               for pool, name in enumerate(POOLS)]
     write_atomic(os.path.join(run_dir, "routing.md"), _routing_markdown(method, picks, pool_size))
-    write_atomic(os.path.join(run_dir, "routing.png"), _heatmaps_png(panels, tasks, tasks))
+    write_atomic(os.path.join(run_dir, "routing.png"), _heatmaps_png(panels, list(picks), list(picks)))
 
 
 def main(argv=None):
