@@ -96,21 +96,22 @@ def _human_agreement(hits):
     return sum(min(sum(hits) - hit, 3) for hit in hits) / (3 * len(hits))
 
 
-def parse_letter(prediction):
+def parse_letter(prediction, n_options=None):
     """The option letter (upper case) in a multiple-choice answer, or None. Tried in order: the whole output is a
     letter ("B", "b", "B.", "(B)", "B)"); it starts with one ("B. blue", "(b) blue"); "answer is B" (LLaVA's
     ScienceQA pattern: "I think the answer is B" is B, "answer is b." too); else the first one-character word that
     is a capital letter ("Option B"). Case does not matter where the letter stands marked as an option (CoIN's
     scorer upper-cases); inside a sentence only a capital counts, so the article in "the answer is a circle" is
-    not option A."""
+    not option A. With n_options only the first n_options letters count."""
+    letters = string.ascii_uppercase[:n_options] if n_options else string.ascii_uppercase
     text = prediction.strip()
     found = (re.fullmatch(r"\(?([A-Za-z])[.):]?", text) or re.match(r"\(?([A-Za-z])[.):]\s", text)
              or re.search(r"answer is \(?([A-Z]\b|[a-z](?=[.):]|\s*$))", text))
-    if found:
+    if found and found.group(1).upper() in letters:
         return found.group(1).upper()
     for word in text.split():
         word = word.strip("()[].,:;!?'\"")
-        if len(word) == 1 and word in string.ascii_uppercase:
+        if len(word) == 1 and word in letters:
             return word
     return None
 
