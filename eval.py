@@ -423,9 +423,8 @@ def generate_predictions(model, processor, records, task, batch_size=16, before_
     """Greedy answers of `model` to `records` (data.load_records), in order, as prediction dicts {"question_id",
     "prompt", "text", "answer"}, text stripped. before_generate(batch), if given, sees each collated batch (on the
     model's device, with its "ins_mask", which goes only to it) first: smolora.py sets SMoLoRA's routing there."""
-    max_new_tokens = MAX_NEW_TOKENS[_task(task).answer_kind]
+    max_new_tokens, was_training = MAX_NEW_TOKENS[_task(task).answer_kind], model.training
     collate, tokenizer = data.Collator(processor, train=False), processor.tokenizer
-    was_training = model.training
     model.eval()  # no adapter dropout while answering
     predictions = []
     try:
@@ -558,15 +557,12 @@ def _markdown(results):
     return "\n".join(lines) + "\n"
 
 
-# viridis at 0, 1/4, 1/2, 3/4, 1: dark for low scores, yellow for high, readable in grey too
-COLOUR_STOPS = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
-
-
 def _colour(value):
-    """The heatmap colour of a percent value (clipped to 0..100)."""
-    x = min(max(value / 100.0, 0.0), 1.0) * (len(COLOUR_STOPS) - 1)
-    i = min(int(x), len(COLOUR_STOPS) - 2)
-    return tuple(round(a + (b - a) * (x - i)) for a, b in zip(COLOUR_STOPS[i], COLOUR_STOPS[i + 1]))
+    """The heatmap colour of a percent value (clipped to 0..100): viridis, dark for low, yellow for high."""
+    stops = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))  # 0, 1/4, ..., 1; fine in grey
+    x = min(max(value / 100.0, 0.0), 1.0) * (len(stops) - 1)
+    i = min(int(x), len(stops) - 2)
+    return tuple(round(a + (b - a) * (x - i)) for a, b in zip(stops[i], stops[i + 1]))
 
 
 def _canvas(width, height, font):
@@ -686,15 +682,14 @@ def judge_run(run_dir, results, judge, device="cpu", dtype="float32"):
     """Have the causal LM `judge` rate each saved prediction of the run's tasks that it has not rated yet, and cache
     its replies beside them, a file at a time, in predictions/stage<t>/<task>.judge.jsonl ({"question_id", "text",
     "answer", "judge", "reply"}): a rerun costs nothing, and only a changed prediction is judged again."""
-    model = tokenizer = None
+    judge_lm = None  # (model, tokenizer), loaded for the first prediction not rated yet
     for t, task, path in _evaluated(run_dir, results):
         predictions, replies = load_predictions(path), _judged(path, judge)
         pending = [p for p in predictions if (str(p["question_id"]), p["text"]) not in replies]
         if pending:
-            if model is None:
-                model, tokenizer = load_judge(judge, device, dtype)
+            judge_lm = judge_lm or load_judge(judge, device, dtype)
             chats = [judge_messages(task, p) for p in pending]
-            for p, reply in zip(pending, judge_replies(model, tokenizer, chats, desc=f"judging stage{t} {task}")):
+            for p, reply in zip(pending, judge_replies(*judge_lm, chats, desc=f"judging stage{t} {task}")):
                 replies[str(p["question_id"]), p["text"]] = reply
             save_predictions(path[:-len(".jsonl")] + ".judge.jsonl", [
                 {**{k: p[k] for k in ("question_id", "text", "answer")}, "judge": judge,
@@ -815,15 +810,14 @@ def _comparison_markdown(runs):
     return "\n".join(lines) + "\n"
 
 
-SPLIT_COLOURS, BAR = ((240, 170, 60), (220, 80, 60), (59, 82, 139)), (33, 145, 140)
-
-
 def _comparison_png(runs):
     """A panel of horizontal bars per metric, one bar per method from the zero line, and a last panel with each
     method's mean forgetting split three ways (format broke with knowledge kept, lost; format held), stacked."""
     font, rows = ImageFont.load_default(size=14), [_comparison_row(r) for r in runs]
-    panels = [(k, [[(row[k], BAR)] for row in rows]) for k in COMPARED]
-    panels.append(("forgetting: split", [[(row[k], c) for k, c in zip(SPLIT, SPLIT_COLOURS)] for row in rows]))
+    legend = {"format broke, knowledge kept": (240, 170, 60), "format broke, knowledge lost": (220, 80, 60),
+              "format held": (59, 82, 139)}  # SPLIT's
+    panels = [(k, [[(row[k], (33, 145, 140))] for row in rows]) for k in COMPARED]
+    panels.append(("forgetting: split", [[(row[k], c) for k, c in zip(SPLIT, legend.values())] for row in rows]))
     label_w, bar_h, panel_w, pad, top = max(font.getlength(r["method"]) for r in runs) + 16, 26, 190, 14, 44
     width, height = int(pad + label_w + len(panels) * (panel_w + pad)), top + bar_h * len(runs) + 3 * pad + 16
     image, draw, text = _canvas(width, height, font)
@@ -847,9 +841,8 @@ def _comparison_png(runs):
                     draw.rectangle((min(x(a), x(b)), y, max(x(a), x(b)), y + bar_h - 8), fill=colour)
             label = "-" if all(v is None for v, _ in bar) else f"{end[-1]:.1f}"
             text((x(end[-1]) + (-3 if end[-1] < 0 else 3), y + (bar_h - 8) / 2), label, "rm" if end[-1] < 0 else "lm")
-    legend = ("format broke, knowledge kept", "format broke, knowledge lost", "format held")
     left = width - pad - sum(font.getlength(name) + 30 for name in legend)
-    for name, colour in zip(legend, SPLIT_COLOURS):
+    for name, colour in legend.items():
         draw.rectangle((left, height - pad - 12, left + 10, height - pad - 2), fill=colour)
         text((left + 14, height - pad - 7), name, "lm")
         left += font.getlength(name) + 30
