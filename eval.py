@@ -792,24 +792,6 @@ def _comparison_row(run):
     return {**{k: run["metrics"][k] for k in COMPARED}, **split, "unseen": sum(final) / len(final) if final else None}
 
 
-def _comparison_markdown(runs):
-    tasks, earlier, columns = runs[0]["tasks"], runs[0]["tasks"][:-1], (*COMPARED, *SPLIT, "unseen")
-    lines = [f"# Comparison: {' -> '.join(tasks)}", "",
-             "Each method tuned on the same tasks, in this order, from the same base model and seed.", ""]
-    lines += _table("method", columns, [(r["method"], [_cell(row[k]) for k in columns])
-                                        for r, row in zip(runs, map(_comparison_row, runs))])
-    lines += ["Metrics as in each run's matrix.md. format_broke_knowledge_kept / _lost, format_held: an earlier task's "
-              "mean drop, in points, on the answers that broke its format but kept / lost their content, and on those "
-              "that kept it but were wrong. unseen: the mean final score on the untrained tasks. –: not defined.", ""]
-    lines += [f"- **{r['method']}**: {r['notes']}" for r in runs if r.get("notes")]
-    if any(r.get("dual_forgetting") for r in runs):
-        split = [(r["method"], [" / ".join(f"{r['dual_forgetting'][t][k]:.1f}" for k in SPLIT)
-                                if t in (r.get("dual_forgetting") or {}) else "–" for t in earlier]) for r in runs]
-        lines += ["", "## Dual forgetting per earlier task: format broke, knowledge kept / format broke, knowledge "
-                  "lost / format held (points)", ""] + _table("method", earlier, split)
-    return "\n".join(lines) + "\n"
-
-
 def _comparison_png(runs):
     """A panel of horizontal bars per metric, one bar per method from the zero line, and a last panel with each
     method's mean forgetting split three ways (format broke with knowledge kept, lost; format held), stacked."""
@@ -855,7 +837,21 @@ def write_comparison(folder, runs):
     runs on the same tasks, in the order given."""
     if not runs or any(r["tasks"] != runs[0]["tasks"] for r in runs):
         raise ValueError(f"a comparison needs runs on the same tasks, got {[r['tasks'] for r in runs]}")
-    write_atomic(os.path.join(folder, "compare.md"), _comparison_markdown(runs))
+    tasks, earlier, columns = runs[0]["tasks"], runs[0]["tasks"][:-1], (*COMPARED, *SPLIT, "unseen")
+    lines = [f"# Comparison: {' -> '.join(tasks)}", "",
+             "Each method tuned on the same tasks, in this order, from the same base model and seed.", ""]
+    lines += _table("method", columns, [(r["method"], [_cell(row[k]) for k in columns])
+                                        for r, row in zip(runs, map(_comparison_row, runs))])
+    lines += ["Metrics as in each run's matrix.md. format_broke_knowledge_kept / _lost, format_held: an earlier task's "
+              "mean drop, in points, on the answers that broke its format but kept / lost their content, and on those "
+              "that kept it but were wrong. unseen: the mean final score on the untrained tasks. –: not defined.", ""]
+    lines += [f"- **{r['method']}**: {r['notes']}" for r in runs if r.get("notes")]
+    if any(r.get("dual_forgetting") for r in runs):
+        split = [(r["method"], [" / ".join(f"{r['dual_forgetting'][t][k]:.1f}" for k in SPLIT)
+                                if t in (r.get("dual_forgetting") or {}) else "–" for t in earlier]) for r in runs]
+        lines += ["", "## Dual forgetting per earlier task: format broke, knowledge kept / format broke, knowledge "
+                  "lost / format held (points)", ""] + _table("method", earlier, split)
+    write_atomic(os.path.join(folder, "compare.md"), "\n".join(lines) + "\n")
     write_atomic(os.path.join(folder, "compare.png"), _comparison_png(runs))
 
 
@@ -883,26 +879,22 @@ def routing_overlap(picks, pool):
              / len(shares[i]) for j in picks] for i in picks]
 
 
-def _routing_markdown(method, picks, pool_size):
+def write_routing(run_dir, method, picks, pool_size):
+    """routing.md and routing.png in run_dir: the VU and IF pools' overlap between every pair of tasks.
+    picks as routing_overlap takes them; pool_size the experts in each pool (E/2)."""
+    overlaps = {name: routing_overlap(picks, pool) for pool, name in enumerate(POOLS)}
     tasks, layers = list(picks), len(next(iter(picks.values()))[0])
     lines = [f"# {method}: which experts the routers pick, after the last stage", "",
              f"Overlap (%): the chance that a test sample of the row's task and one of the column's go to the same "
              f"expert of the pool, averaged over the {layers} SMoLoRA layers (`eval.routing_overlap`); 100: the same "
              f"experts everywhere, {100 / pool_size:.0f}: routing at random over {pool_size} experts; below 100 on the "
              "diagonal: a task's own samples spread over several experts.", ""]
-    for pool, name in enumerate(POOLS):
-        rows = [(task, [_cell(v) for v in row]) for task, row in zip(tasks, routing_overlap(picks, pool))]
-        lines += [f"## {name} pool", ""] + _table("", tasks, rows)
-    return "\n".join(lines)
-
-
-def write_routing(run_dir, method, picks, pool_size):
-    """routing.md and routing.png in run_dir: the VU and IF pools' overlap between every pair of tasks.
-    picks as routing_overlap takes them; pool_size the experts in each pool (E/2)."""
-    panels = [(f"{method}: {name} pool, % same expert", routing_overlap(picks, pool))
-              for pool, name in enumerate(POOLS)]
-    write_atomic(os.path.join(run_dir, "routing.md"), _routing_markdown(method, picks, pool_size))
-    write_atomic(os.path.join(run_dir, "routing.png"), _heatmaps_png(panels, list(picks), list(picks)))
+    for name, overlap in overlaps.items():
+        lines += [f"## {name} pool", ""] + _table("", tasks, [(task, [_cell(v) for v in row])
+                                                              for task, row in zip(tasks, overlap)])
+    write_atomic(os.path.join(run_dir, "routing.md"), "\n".join(lines))
+    panels = [(f"{method}: {name} pool, % same expert", overlap) for name, overlap in overlaps.items()]
+    write_atomic(os.path.join(run_dir, "routing.png"), _heatmaps_png(panels, tasks, tasks))
 
 
 def main(argv=None):
