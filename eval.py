@@ -1,12 +1,10 @@
-"""Evaluation: scoring, instruction following, knowledge, continual metrics, generation and the reports.
-
-Read top to bottom: the scorers of DESIGN.md section 5 (`score`, `task_score`), the instruction-following check
-behind MIF, knowledge whatever the format (section 5b: a rule judge, and CoIN's LLM judge), the continual metrics
-of section 6, batched greedy generation, a run's report (results.json, matrix.md, matrix.png, with the dual-forgetting
-split), the comparison of methods (compare.md, .png) and where SMoLoRA routes each task (routing.md, .png).
-`python eval.py RUN_DIR [--judge MODEL]` re-scores a run's saved predictions and rewrites its report, so a scorer
-fix never needs retraining. The official code's quirks (DESIGN.md section 5) are not copied: an empty prediction
-is wrong everywhere, no digit of a box is dropped, and matching is never case-sensitive.
+"""Evaluation, read top to bottom: the scorers of DESIGN.md section 5 (`score`, `task_score`), the instruction-
+following check behind MIF, knowledge whatever the format (section 5b: a rule judge, and CoIN's LLM judge), the
+continual metrics of section 6, batched greedy generation, a run's report (results.json, matrix.md, matrix.png, with
+the dual-forgetting split), the comparison of methods (compare.md, .png) and where SMoLoRA routes each task
+(routing.md, .png). `python eval.py RUN_DIR [--judge MODEL]` re-scores a run's saved predictions and rewrites its
+report, so a scorer fix never needs retraining. The official code's quirks (DESIGN.md section 5) are not copied: an
+empty prediction is wrong everywhere, no digit of a box is dropped, and matching is never case-sensitive.
 """
 import argparse
 import io
@@ -223,8 +221,7 @@ def task_score(task, predictions, answers):
     """The task's score in percent: the mean of `score` x 100, or the corpus CIDEr-D x 100 for captions
     (so a caption task is on the papers' scale, e.g. 110.5, and may exceed 100)."""
     if not predictions or len(predictions) != len(answers):
-        raise ValueError(f"{task}: need as many answers as predictions (at least one), got "
-                         f"{len(predictions)} predictions and {len(answers)} answers")
+        raise ValueError(f"{task}: {len(predictions)} predictions and {len(answers)} answers; need as many, at least 1")
     if _task(task).scorer == "cider":
         return 100.0 * cider(predictions, [_as_list(a) for a in answers])
     return 100.0 * sum(score(task, p, a) for p, a in zip(predictions, answers)) / len(predictions)
@@ -251,8 +248,6 @@ def follows_instruction(task, prediction, answer=None):
 
 def score_predictions(task, predictions):
     """(score, MIF) in percent of a list of saved predictions ({"question_id", "prompt", "text", "answer"})."""
-    if not predictions:
-        raise ValueError(f"{task}: no predictions to score")
     texts, answers = [p["text"] for p in predictions], [p["answer"] for p in predictions]
     follows = sum(follows_instruction(task, t, a) for t, a in zip(texts, answers))
     return task_score(task, texts, answers), 100.0 * follows / len(predictions)
@@ -297,9 +292,9 @@ def knowledge(task, prediction, answer, prompt=""):
 
 
 # CoIN's LLM judge, word for word (DESIGN.md section 5b); it sees no image. ours, not CoIN's quirks: greedy decoding
-# (CoIN samples: temperature 0.7, top_p 0.8); the question is the prompt without its instruction
-# (data.find_instruction: CoIN drops the last line, which empties grounding's question and keeps VizWiz's first
-# instruction line); the system message CoIN wrote (its run overwrote it with "You are a helpful assistant.").
+# (CoIN samples: temperature 0.7, top_p 0.8); the question is the prompt less its instruction (data.find_instruction;
+# CoIN drops the last line, emptying grounding's question and keeping VizWiz's first instruction line); the system
+# message CoIN wrote (its run overwrote it with "You are a helpful assistant.").
 JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
 JUDGE_PROMPT = (
     "[Context]\n[Question]\n{question}\n\n[Ground truth answer]\n{answer}\n\n[End of ground truth answer]\n\n"
@@ -384,9 +379,7 @@ def continual_metrics(matrix, zero_shot=None):
                      ours: the best score since task i was learned; DESIGN 6's max over all t < T would also
                      count a score the model had before learning i, which it cannot forget (the usual choice)
         FWT        = (1/(T-1)) sum_{i>1} (A[i-1][i] - A[0][i])   None without zero_shot or a cell above the diagonal
-
-    With T = 1 there is no earlier task and no later one: BWT, forgetting and FWT are None.
-    """
+    With T = 1 there is no earlier task and no later one: BWT, forgetting and FWT are None."""
     _check_matrix(matrix, "matrix")
     T = len(matrix)
     if len(matrix[0]) != T:
@@ -621,8 +614,7 @@ def dual_forgetting(task, before, after, known=None):
         format_broke_knowledge_lost = (100/n) sum_s (1 - k(s)) d(s) over the same samples
         format_held                 = (100/n) sum_s d(s) over those that keep the format: the skill forgotten
     so the three add up to the drop, and for all but caption tasks drop = A[i][i] - A[T][i]. known: k(s) of each
-    sample of after, in order (default: the rule judge). Samples are paired by question_id; `score` per sample.
-    """
+    sample of after, in order (default: the rule judge). Samples are paired by question_id; `score` per sample."""
     earlier = {str(p["question_id"]): p["text"] for p in before}
     if sorted(earlier) != sorted(str(p["question_id"]) for p in after) or not after:
         raise ValueError(f"{task}: the two stages' predictions are not of the same (non-empty) set of questions")
@@ -732,8 +724,7 @@ def write_report(run_dir, results):
 
 
 def _rescored(run_dir, old, tasks):
-    """{"matrix", "mif"} of tasks, rebuilt from run_dir's saved predictions (None where a stage has none); old: the
-    run's results.json."""
+    """{"matrix", "mif"} of tasks from run_dir's saved predictions (None where a stage has none); old: results.json."""
     config, rows = old.get("config") or {}, len(_stages(old)) + 1
     cells = [[(None, None)] * len(tasks) for _ in range(rows)]  # (score, MIF) per stage and task
     for i, task in enumerate(tasks):
