@@ -263,7 +263,6 @@ ANY_BOX = re.compile(r"[\[(]" + ",".join([NUMBER] * 4) + r"[\])]")
 
 def knowledge(task, prediction, answer, prompt=""):
     """Whether the prediction's CONTENT is right, whatever its format: a rule judge in [0, 1].
-
     letter: it names the right option and no other, by letter (a capital standing alone, or either case as the whole
     answer or marked at its start: "B", "it is B", "b", "(b) circle") or by the option's text (the prompt's
     "A. circle" lines); a capital "A" before a lower-case word is the article.
@@ -509,9 +508,12 @@ def _cell(value):
 
 
 def _table(corner, columns, rows):
-    """Markdown lines: `corner` above the row names, then `columns` (right-aligned); rows are (name, cells)."""
+    """Markdown lines: `corner` above the row names, then `columns` (right-aligned); rows are (name, cells), each
+    cell text, or a number or None that _cell writes."""
     lines = [" | ".join([f"| {corner}".rstrip(), *columns]) + " |", "|---|" + "---:|" * len(columns)]
-    return lines + [" | ".join([f"| {name}", *cells]) + " |" for name, cells in rows] + [""]
+    for name, cells in rows:
+        lines.append(" | ".join([f"| {name}", *(c if isinstance(c, str) else _cell(c) for c in cells)]) + " |")
+    return lines + [""]
 
 
 def _markdown(results):
@@ -525,11 +527,10 @@ def _markdown(results):
         tables += [("Unseen tasks, never trained (zero-shot transfer; not in AP): score", unseen["tasks"],
                     unseen["matrix"]), ("Unseen tasks: instruction following", unseen["tasks"], unseen["mif"])]
     for title, columns, matrix in tables:
-        rows = [(name, [_cell(v) for v in row]) for name, row in zip(_row_names(results), matrix)]
-        lines += [f"## {title}", ""] + _table("", columns, rows)
+        lines += [f"## {title}", ""] + _table("", columns, zip(_row_names(results), matrix))
     if results.get("fewshot"):
         lines += ["## Few-shot: each tuned 1 epoch on k examples per class, from the final adapters (not in AP)", ""]
-        rows = [(task, (k, _cell(v["score"]), _cell(v["mif"]))) for task, shots in results["fewshot"].items()
+        rows = [(task, (k, v["score"], v["mif"])) for task, shots in results["fewshot"].items()
                 for k, v in shots.items()]
         lines += _table("task", ("k", "score", "MIF"), rows)
     lines += ["## Metrics", "", "| " + " | ".join(METRICS) + " |", "|" + "---:|" * len(METRICS),
@@ -538,7 +539,7 @@ def _markdown(results):
               "BWT and forgetting divide by T-1 (CoIN's tables by T).", ""]
     if results.get("dual_forgetting"):
         lines += ["## Dual forgetting: each earlier task's drop from right after learning it to the end", ""]
-        rows = [(task, [_cell(d[k]) for k in ("drop", *SPLIT)]) for task, d in results["dual_forgetting"].items()]
+        rows = [(task, [d[k] for k in ("drop", *SPLIT)]) for task, d in results["dual_forgetting"].items()]
         lines += _table("task", ("drop", "format broke, knowledge kept", "format broke, knowledge lost",
                                  "format held, answer wrong"), rows)
         lines += ["Points lost on the final answers that fail the task's format, weighted by their knowledge "
@@ -831,7 +832,7 @@ def write_comparison(folder, runs):
     tasks, earlier, columns = runs[0]["tasks"], runs[0]["tasks"][:-1], (*COMPARED, *SPLIT, "unseen")
     lines = [f"# Comparison: {' -> '.join(tasks)}", "",
              "Each method tuned on the same tasks, in this order, from the same base model and seed.", ""]
-    lines += _table("method", columns, [(r["method"], [_cell(row[k]) for k in columns])
+    lines += _table("method", columns, [(r["method"], [row[k] for k in columns])
                                         for r, row in zip(runs, map(_comparison_row, runs))])
     lines += ["Metrics as in each run's matrix.md. format_broke_knowledge_kept / _lost, format_held: an earlier task's "
               "mean drop, in points, on the answers that broke its format but kept / lost their content, and on those "
@@ -881,8 +882,7 @@ def write_routing(run_dir, method, picks, pool_size):
              f"experts everywhere, {100 / pool_size:.0f}: routing at random over {pool_size} experts; below 100 on the "
              "diagonal: a task's own samples spread over several experts.", ""]
     for name, overlap in overlaps.items():
-        lines += [f"## {name} pool", ""] + _table("", tasks, [(task, [_cell(v) for v in row])
-                                                              for task, row in zip(tasks, overlap)])
+        lines += [f"## {name} pool", ""] + _table("", tasks, zip(tasks, overlap))
     write_atomic(os.path.join(run_dir, "routing.md"), "\n".join(lines))
     panels = [(f"{method}: {name} pool, % same expert", overlap) for name, overlap in overlaps.items()]
     write_atomic(os.path.join(run_dir, "routing.png"), _heatmaps_png(panels, tasks, tasks))
