@@ -57,10 +57,8 @@ CONTRACTIONS |= {form[:i] + form[i + 1:]: form for form in CONTRACTED for i, c i
 
 
 def normalize_answer(s):
-    """The VQA answer normalisation: lower case, punctuation, articles, number words -> digits, contractions.
-
-    "Two." -> "2", "The dog" -> "dog", "dont" -> "don't", "1,000" -> "1000", "2.5" stays "2.5".
-    """
+    """The VQA answer normalisation: lower case, punctuation, articles, number words -> digits, contractions:
+    "Two." -> "2", "The dog" -> "dog", "dont" -> "don't", "1,000" -> "1000", "2.5" stays "2.5"."""
     text = s.replace("\n", " ").replace("\t", " ").strip()
     # a mark touching a space, or any text with a thousands comma, loses the mark; elsewhere it splits words
     original, glued = text, re.search(r"\d,\d", text) is not None
@@ -326,12 +324,11 @@ def judge_messages(task, prediction):
 def load_judge(name, device="cpu", dtype="float32"):
     """A causal LM (a folder or hub id) and its tokenizer, padding on the left, for judge_replies."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")  # the replies start at the same column
         model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype)).to(device)
     except (OSError, ValueError) as e:
         raise ValueError(f"--judge {name!r}: cannot load a causal LM and its tokenizer ({str(e).splitlines()[0]})"
                          ) from None
-    tokenizer.padding_side = "left"  # every prompt ends at the same column, the replies start after it
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     return model.eval(), tokenizer
 
@@ -858,7 +855,6 @@ def routing_overlap(picks, pool):
     expert of `pool` (0: VU, 1: IF) at a layer, averaged over the layers:
 
         overlap(i, j) = 100 * mean_l sum_e u_i(l, e) u_j(l, e)    u_i(l, e): the share of i's samples sent to e at l
-
     picks: {task: per sample, per layer, the expert picked in each pool [VU, IF]}. Tasks that share experts share
     their updates too: a later task's tuning rewrites what an earlier one learned there."""
     shares = {}
