@@ -634,11 +634,9 @@ def _predictions_path(run_dir, stage, task):
 
 def _dual_forgetting(run_dir, results):
     """dual_forgetting of each earlier task of a finished continual run, from its saved predictions; else {}."""
-    tasks, T = results["tasks"], len(results["tasks"])
-    if _stages(results) != tasks or len(results["matrix"]) <= T or None in results["matrix"][T]:
-        return {}
-    found = {}
-    for i, task in enumerate(tasks[:-1]):
+    tasks, T, found = results["tasks"], len(results["tasks"]), {}
+    finished = _stages(results) == tasks and len(results["matrix"]) > T and None not in results["matrix"][T]
+    for i, task in enumerate(tasks[:-1] if finished else []):
         before, after = _predictions_path(run_dir, i + 1, task), _predictions_path(run_dir, T, task)
         if os.path.isfile(before) and os.path.isfile(after):
             final = load_predictions(after)
@@ -696,9 +694,8 @@ def write_report(run_dir, results):
     """Write results.json (DESIGN.md section 8), matrix.md and matrix.png (score, MIF and knowledge as heatmaps)
     into run_dir, each atomically; return the results as written. results: {"method", "tasks", "config", "matrix",
     "mif", "seconds"}, optionally "stages" (default: the tasks), "notes", "unseen" ({"tasks", "matrix", "mif"} of
-    tasks never trained) and "knowledge_judge" (the LLM judge of judge_run; default: the rule judge). matrix rows:
-    0 zero-shot, t after stage t (rows not run yet left out, cells not evaluated None). "knowledge", "metrics" and
-    "dual_forgetting" are (re)computed here from the predictions saved in run_dir/predictions."""
+    untrained tasks), "knowledge_judge" (judge_run's LLM; default: the rule judge). Rows: 0 zero-shot, t after stage
+    t (rows not run yet left out, cells not evaluated None); "knowledge", "metrics", "dual_forgetting" computed here."""
     rows = len(_stages(results)) + 1
     for prefix, table in [("", results)] + ([("unseen ", results["unseen"])] if results.get("unseen") else []):
         for name in ("matrix", "mif"):
