@@ -353,8 +353,7 @@ def _check_matrix(matrix, name):
     """A non-empty list of rows of equal length whose cells are finite numbers or None (not evaluated)."""
     if not isinstance(matrix, (list, tuple)) or not matrix or not all(isinstance(r, (list, tuple)) for r in matrix):
         raise ValueError(f"{name} must be a non-empty list of rows, got {matrix!r}")
-    width = len(matrix[0])
-    if width == 0 or any(len(row) != width for row in matrix):
+    if not matrix[0] or any(len(row) != len(matrix[0]) for row in matrix):
         raise ValueError(f"{name} is ragged or empty: row lengths {[len(r) for r in matrix]}")
     for t, row in enumerate(matrix):
         for i, cell in enumerate(row):
@@ -696,19 +695,18 @@ def write_report(run_dir, results):
     "mif", "seconds"}, optionally "stages" (default: the tasks), "notes", "unseen" ({"tasks", "matrix", "mif"} of
     untrained tasks), "knowledge_judge" (judge_run's LLM; default: the rule judge). Rows: 0 zero-shot, t after stage
     t (rows not run yet left out, cells not evaluated None); "knowledge", "metrics", "dual_forgetting" computed here."""
-    rows = len(_stages(results)) + 1
+    stages = len(_stages(results))
     for prefix, table in [("", results)] + ([("unseen ", results["unseen"])] if results.get("unseen") else []):
         for name in ("matrix", "mif"):
             _check_matrix(table[name], prefix + name)
-            if len(table[name][0]) != len(table["tasks"]) or len(table[name]) > rows:
+            if len(table[name][0]) != len(table["tasks"]) or len(table[name]) > stages + 1:
                 raise ValueError(f"{prefix}{name} is {len(table[name])}x{len(table[name][0])}; expected at most "
-                                 f"{rows} rows (zero-shot + one per stage) of {len(table['tasks'])} tasks")
+                                 f"{stages + 1} rows (zero-shot + one per stage) of {len(table['tasks'])} tasks")
     known = [[None] * len(row) for row in results["matrix"]]  # knowledge in percent, shaped as the matrix
     for t, task, path in _evaluated(run_dir, results):
         cell = _known(task, load_predictions(path), path, results.get("knowledge_judge"))
         known[t][results["tasks"].index(task)] = 100.0 * sum(cell) / len(cell) if cell else None
-    results = {**results, "knowledge": known,
-               "metrics": run_metrics(results["matrix"], results["mif"], rows - 1, known),
+    results = {**results, "knowledge": known, "metrics": run_metrics(results["matrix"], results["mif"], stages, known),
                "dual_forgetting": _dual_forgetting(run_dir, results)}
     write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2) + "\n")
     write_atomic(os.path.join(run_dir, "matrix.md"), _markdown(results))
@@ -819,8 +817,7 @@ def _comparison_png(runs):
 
 
 def write_comparison(folder, runs):
-    """compare.md and compare.png in folder, from the results (as write_report returns them) of several methods'
-    runs on the same tasks, in the order given."""
+    """compare.md and compare.png in folder, from several methods' results (write_report's) on the same tasks."""
     if not runs or any(r["tasks"] != runs[0]["tasks"] for r in runs):
         raise ValueError(f"a comparison needs runs on the same tasks, got {[r['tasks'] for r in runs]}")
     tasks, earlier, columns = runs[0]["tasks"], runs[0]["tasks"][:-1], (*COMPARED, *SPLIT, "unseen")
