@@ -862,8 +862,7 @@ def routing_overlap(picks, pool):
 
 
 def write_routing(run_dir, method, picks, pool_size):
-    """routing.md and routing.png in run_dir: the VU and IF pools' overlap between every pair of tasks.
-    picks as routing_overlap takes them; pool_size the experts in each pool (E/2)."""
+    """routing.md and routing.png in run_dir: each pool's routing_overlap of picks; pool_size: experts a pool (E/2)."""
     overlaps = {name: routing_overlap(picks, pool) for pool, name in enumerate(POOLS)}
     tasks, layers = list(picks), len(next(iter(picks.values()))[0])
     lines = [f"# {method}: which experts the routers pick, after the last stage", "",
