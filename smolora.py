@@ -634,19 +634,19 @@ def prepare_out(cfg):
     return out
 
 
-def evaluate(model, processor, task, records, path, cfg):
+def evaluate(model, processor, task, records, path, cfg, progress=True):
     """(score, MIF) of the model on a task; the predictions are saved, and reused when resuming."""
     if cfg["resume"] and path.exists():
         predictions = eval.load_predictions(path)
     else:
         predictions = eval.generate_predictions(model, processor, records, task, batch_size=cfg["batch_size"],
                                                 before_generate=lambda batch: route_batch(model, batch),
-                                                desc=f"evaluating {task}")
+                                                desc=f"evaluating {task}", progress=progress)
         eval.save_predictions(path, predictions)
     return eval.score_predictions(task, predictions)
 
 
-def train_stage(model, processor, records, cfg, stage, out, name, penalty=None):
+def train_stage(model, processor, records, cfg, stage, out, name, penalty=None, progress=True):
     """Tune the adapters on one stage's records (stage `name`); a checkpoint every CHECKPOINT_SECONDS, resumable."""
     steps = max(1, math.ceil(cfg["epochs"] * len(records) / cfg["batch_size"]))
     batches = batch_order(len(records), cfg["batch_size"], steps, cfg["seed"] + stage)
@@ -670,7 +670,8 @@ def train_stage(model, processor, records, cfg, stage, out, name, penalty=None):
             start = state["step"]
     collate, last_save = data.Collator(processor, train=True), time.time()
     model.train()
-    bar = tqdm(range(start, steps), desc=f"stage {stage}: tuning on {name}", initial=start, total=steps)
+    bar = tqdm(range(start, steps), desc=f"stage {stage}: tuning on {name}", initial=start, total=steps,
+               disable=not progress)
     for step in bar:
         try:
             loss = train_step(model, collate([records[i] for i in batches[step]]), optimizer, schedule,
@@ -742,10 +743,11 @@ def run(cfg, progress=True):
             table, column = (results, i) if i < len(tasks) else (results["unseen"], i - len(tasks))
             path = out / "predictions" / f"stage{stage}" / f"{task}.jsonl"
             table["matrix"][stage][column], table["mif"][stage][column] = evaluate(model, processor, task,
-                                                                                   test[task], path, cfg)
+                                                                                   test[task], path, cfg, progress)
         results["seconds"] = earlier_seconds + time.time() - started
         eval.write_report(out, results)
-        print(f"\nafter stage {stage} of {len(stages)}:\n" + (out / "matrix.md").read_text())
+        if progress:
+            print(f"\nafter stage {stage} of {len(stages)}:\n" + (out / "matrix.md").read_text())
 
     evaluate_row(0)
     if stages:
@@ -772,7 +774,7 @@ def run(cfg, progress=True):
                 torch.manual_seed(cfg["seed"] + stage)                             # the new A's draws, also on resume
                 start_new_lora(model, stage - 1)
                 penalty = functools.partial(orthogonality_penalty, model, cfg["olora_lambda"])
-            train_stage(model, processor, records, cfg, stage, out, name, penalty)
+            train_stage(model, processor, records, cfg, stage, out, name, penalty, progress)
             saved.parent.mkdir(exist_ok=True)
             eval.write_atomic(saved, safetensors.torch.save(adapter_state_dict(model)))
             (out / "checkpoint.pt").unlink(missing_ok=True)
