@@ -98,16 +98,18 @@ def vqa_accuracy(prediction, answers):
 def parse_letter(prediction, n_options=None):
     """The option letter (upper case) in a multiple-choice answer, or None.
 
-    Tried in order: the whole output is a letter ("B", "B.", "(B)", "B)"); it starts with one ("B. blue",
-    "(B) blue"); "answer is B" (LLaVA's ScienceQA pattern, so "I think the answer is B" is B); else the first
-    one-character word that is a letter ("Option B"). With n_options only the first n_options letters count.
+    Tried in order: the whole output is a letter ("B", "b", "B.", "(B)", "B)"); it starts with one ("B. blue",
+    "(b) blue"); "answer is B" (LLaVA's ScienceQA pattern, so "I think the answer is B" is B; "answer is b." too);
+    else the first one-character word that is a capital letter ("Option B"). Case does not matter where the letter
+    stands marked as an option (CoIN's scorer upper-cases); inside a sentence only a capital counts, so the
+    article in "the answer is a circle" is not option A. With n_options only the first n_options letters count.
     """
     letters = string.ascii_uppercase[:n_options] if n_options else string.ascii_uppercase
     text = prediction.strip()
-    found = (re.fullmatch(r"\(?([A-Z])[.):]?", text) or re.match(r"\(?([A-Z])[.):]\s", text)
-             or re.search(r"answer is \(?([A-Z])\b", text))
-    if found and found.group(1) in letters:
-        return found.group(1)
+    found = (re.fullmatch(r"\(?([A-Za-z])[.):]?", text) or re.match(r"\(?([A-Za-z])[.):]\s", text)
+             or re.search(r"answer is \(?([A-Z]\b|[a-z](?=[.):]|\s*$))", text))
+    if found and found.group(1).upper() in letters:
+        return found.group(1).upper()
     for word in text.split():
         word = word.strip("()[].,:;!?'\"")
         if len(word) == 1 and word in letters:
@@ -216,7 +218,8 @@ def score(task, prediction, answer):
         truths = [normalize_answer(a) for a in _as_list(answer)]
         if scorer == "exact":
             return float(bool(predicted) and predicted in truths)
-        return float(bool(predicted) and any(f" {t} " in f" {predicted} " for t in truths))  # whole words
+        # ours: contained as whole words ("cats" does not contain "cat"); CoIN takes any case-sensitive substring
+        return float(bool(predicted) and any(f" {t} " in f" {predicted} " for t in truths))
     if scorer == "iou":
         truth = parse_bbox(answer) if isinstance(answer, str) else answer
         if truth is None or len(truth) != 4:
@@ -240,14 +243,15 @@ def task_score(task, predictions, answers):
 def follows_instruction(task, prediction, answer=None):
     """Whether the output has the FORMAT the task's instruction asks for, whatever its content (SMoLoRA's MIF).
 
-    letter: exactly one option letter (a trailing period allowed); phrase: 1 or 2 words, or equal (normalised)
+    letter: exactly one letter, either case, as SMoLoRA's check (`strip().upper()` in the options): "B." does
+    not comply, the instruction asks for the letter "directly"; phrase: 1 or 2 words, or equal (normalised)
     to the ground truth when `answer` is given; bbox: only "[x1, y1, x2, y2]" with 4 numbers in [0, 1];
     caption: a sentence of more than 4 words ending with ".".
     """
     kind = _task(task).answer_kind
     text = prediction.strip()
     if kind == "letter":
-        return re.fullmatch(r"[A-Z]\.?", text) is not None
+        return re.fullmatch(r"[A-Za-z]", text) is not None
     if kind == "phrase":
         is_truth = answer is not None and normalize_answer(text) in [normalize_answer(a) for a in _as_list(answer)]
         return 1 <= len(text.split()) <= 2 or (bool(text) and is_truth)
@@ -293,7 +297,9 @@ def continual_metrics(matrix, zero_shot=None):
         MFT        = (1/T) sum_i A[i][i]
         MAP        = (1/T) sum_t (1/t) sum_{i<=t} A[t][i]
         BWT        = (1/(T-1)) sum_{i<T} (A[T][i] - A[i][i])      CoIN's tables divide by T, its formula by T-1
-        forgetting = (1/(T-1)) sum_{i<T} (max_{i<=t<T} A[t][i] - A[T][i])   the best score since learning i
+        forgetting = (1/(T-1)) sum_{i<T} (max_{i<=t<T} A[t][i] - A[T][i])
+                     ours: the best score since task i was learned; DESIGN 6's max over all t < T would also
+                     count a score the model had before learning i, which it cannot forget (the usual choice)
         FWT        = (1/(T-1)) sum_{i>1} (A[i-1][i] - A[0][i])   None without zero_shot or a cell above the diagonal
 
     With T = 1 there is no earlier task and no later one: BWT, forgetting and FWT are None.

@@ -66,7 +66,8 @@ def test_imagenet_exact_or_contained():
 # ---------------------------------------------------------------- letters
 
 @pytest.mark.parametrize("prediction", ["B", "B.", "(B)", "B)", " B ", "B. blue", "(B) blue", "The answer is B",
-                                        "I think the answer is B.", "Option B"])
+                                        "I think the answer is B.", "Option B", "b", "b.", "(b)", "b) blue",
+                                        "the answer is b."])
 def test_parse_letter_variants(prediction):
     assert E.parse_letter(prediction) == "B"
     assert E.score("scienceqa", prediction, "B") == 1.0
@@ -76,7 +77,9 @@ def test_parse_letter_variants(prediction):
 def test_parse_letter_failures_and_options():
     assert E.parse_letter("blue") is None
     assert E.parse_letter("") is None
-    assert E.parse_letter("b") is None  # options are upper-case letters
+    assert E.parse_letter("the answer is a circle") is None   # an article, not option A
+    assert E.parse_letter("it is a red one") is None
+    assert E.parse_letter("a") == "A" and E.parse_letter("a. red") == "A"   # marked as an option
     assert E.parse_letter("E", n_options=4) is None
     assert E.parse_letter("D", n_options=4) == "D"
     assert E.score("scienceqa", "[0.1, 0.2, 0.3, 0.4]", "A") == 0.0
@@ -158,7 +161,8 @@ def test_caption_score_per_sample():
 # ---------------------------------------------------------------- instruction following
 
 @pytest.mark.parametrize("task, prediction, follows", [
-    ("scienceqa", "B", True), ("scienceqa", "B.", True), ("scienceqa", " C ", True),
+    ("scienceqa", "B", True), ("scienceqa", "b", True), ("scienceqa", " C ", True),
+    ("scienceqa", "B.", False),                          # SMoLoRA's check: exactly one letter
     ("scienceqa", "B. blue", False), ("scienceqa", "[0.1, 0.2, 0.3, 0.4]", False), ("scienceqa", "", False),
     ("gqa", "dog", True), ("gqa", "red car", True), ("gqa", "a red car", False), ("gqa", "", False),
     ("vizwiz", "Unanswerable", True), ("imagenet", "[0.1, 0.2, 0.3, 0.4]", False),  # a box is 4 words
@@ -208,6 +212,15 @@ def test_continual_metrics_by_hand():
     assert m["forgetting"] == pytest.approx(((85 - 50) + (70 - 40)) / 2)    # 32.5: task 1's best was 85
     assert m["FWT"] == pytest.approx(((10 - 15) + (45 - 25)) / 2)           # 7.5
     assert E.continual_metrics(A)["FWT"] is None
+
+
+def test_forgetting_counts_only_the_scores_since_a_task_was_learned():
+    A = [[80, 90, 0],    # task 2 already scores 90 before it is learned (stage 1)
+         [70, 50, 0],    # learned at stage 2: 50
+         [60, 40, 90]]
+    # ours: max over i <= t < T: ((80 - 60) + (50 - 40)) / 2 = 15; DESIGN 6's max over all t < T would give
+    # ((80 - 60) + (90 - 40)) / 2 = 35, charging task 2 with a score it had before it was learned
+    assert E.continual_metrics(A)["forgetting"] == pytest.approx(15.0)
 
 
 def test_continual_metrics_edge_cases():
