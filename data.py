@@ -733,6 +733,19 @@ def load_image(record):
         raise ValueError(f"record {record['id']}: cannot decode image {record['image']} ({e})") from None
 
 
+def expand_to_square(image, processor):
+    """LLaVA-1.5's expand2square (image_aspect_ratio "pad"): the image centred on a square of the image processor's
+    mean colour, so its resize and centre crop keep all of the photo, and CoIN's boxes, normalised to that square,
+    point where they should (DESIGN.md 4). A square image (all the synthetic ones) comes back as it is."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new("RGB", (side, side), tuple(int(m * 255) for m in processor.image_processor.image_mean))
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
 class Collator:
     """Records -> {input_ids (B, L), attention_mask (B, L), pixel_values (B, 3, H, W), ins_mask (B, L) and, when
     train, labels (B, L)}. Train: prompt + " " + answer + EOS, right-padded, labels -100 except on the answer's
@@ -750,8 +763,8 @@ class Collator:
         if self.train:
             texts = [p + " " + r["answer"] + tokenizer.eos_token for p, r in zip(prompts, records)]
         batch = self.processor(
-            images=[load_image(r) for r in records], text=texts, padding=True, return_tensors="pt",
-            padding_side="right" if self.train else "left", return_offsets_mapping=True,
+            images=[expand_to_square(load_image(r), self.processor) for r in records], text=texts, padding=True,
+            return_tensors="pt", padding_side="right" if self.train else "left", return_offsets_mapping=True,
             return_text_replacement_offsets=True, truncation=self.train and self.max_length is not None,
             max_length=self.max_length if self.train else None)
         ids = batch["input_ids"]

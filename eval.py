@@ -1,11 +1,12 @@
 """Evaluation: per-task scoring, instruction following, continual metrics, generation and the report.
 
 Read top to bottom: answer normalisation and the scorers of DESIGN.md section 5, `score` / `task_score`,
-the instruction-following check behind MIF, the continual metrics of section 6, batched greedy generation,
-the report a person reads (results.json, matrix.md, matrix.png, with the dual-forgetting split), the
-comparison of methods (compare.md, compare.png), and which tasks SMoLoRA's routers send to the same experts
-(routing.md, routing.png). `python eval.py RUN_DIR` re-scores a run's saved predictions and rewrites its
-report, so a scorer fix never needs retraining.
+the instruction-following check behind MIF, knowledge whatever the format (section 5b: a rule judge, and CoIN's
+LLM judge), the continual metrics of section 6, batched greedy generation, the report a person reads
+(results.json, matrix.md, matrix.png, with the dual-forgetting split), the comparison of methods (compare.md,
+compare.png), and which tasks SMoLoRA's routers send to the same experts (routing.md, routing.png).
+`python eval.py RUN_DIR [--judge MODEL]` re-scores a run's saved predictions and rewrites its report, so a scorer
+fix never needs retraining.
 
 The official code's quirks (DESIGN.md section 5) are not copied: an empty prediction is wrong everywhere,
 no digit of a box is dropped, and matching is never case-sensitive.
@@ -21,16 +22,15 @@ import sys
 import tempfile
 from collections import Counter
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import data
 
 
-def _task(name):
-    if name not in data.TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(data.TASKS)}")
-    return data.TASKS[name]
+_task = data.get_task  # the task's row of data.TASKS, or a one-line error naming the known ones
 
 
 def _as_list(answer):
@@ -77,6 +77,12 @@ def normalize_answer(s):
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
 
 
+def _contains(text, phrase):
+    """Whether the normalised phrase occurs as whole words in the normalised text."""
+    phrase = normalize_answer(phrase)
+    return bool(phrase) and f" {phrase} " in f" {normalize_answer(text)} "
+
+
 def vqa_accuracy(prediction, answers):
     """VQA soft accuracy: min(#humans that gave the prediction / 3, 1), averaged over the 10-choose-9 subsets.
 
@@ -84,15 +90,16 @@ def vqa_accuracy(prediction, answers):
     2 -> 0.6, 3 -> 0.9, 4 or more -> 1. One answer (a string or a one-element list) scores by normalised exact
     match, as if all ten humans had given it.
     """
-    answers = [normalize_answer(a) for a in _as_list(answers)]
     predicted = normalize_answer(prediction)
-    if not predicted or not answers:
-        return 0.0
-    if len(answers) == 1:
-        return float(predicted == answers[0])
-    matches = sum(a == predicted for a in answers)
+    return _human_agreement([bool(predicted) and normalize_answer(a) == predicted for a in _as_list(answers)])
+
+
+def _human_agreement(hits):
+    """VQA's soft accuracy from hits[k], whether human k's answer matches; one answer: 1 if it matches, else 0."""
+    if len(hits) <= 1:
+        return float(any(hits))
     # leave each human out in turn; min(matches among the others, 3) / 3, summed in integers so 1 -> 9/30 = 0.3
-    return sum(min(matches - (a == predicted), 3) for a in answers) / (3 * len(answers))
+    return sum(min(sum(hits) - hit, 3) for hit in hits) / (3 * len(hits))
 
 
 def parse_letter(prediction, n_options=None):
@@ -213,13 +220,12 @@ def score(task, prediction, answer):
         return float(parse_letter(prediction) == answer.strip())
     if scorer == "vqa":
         return vqa_accuracy(prediction, answer)
-    if scorer in ("exact", "contains"):
+    if scorer == "exact":
         predicted = normalize_answer(prediction)
-        truths = [normalize_answer(a) for a in _as_list(answer)]
-        if scorer == "exact":
-            return float(bool(predicted) and predicted in truths)
+        return float(bool(predicted) and predicted in [normalize_answer(a) for a in _as_list(answer)])
+    if scorer == "contains":
         # ours: contained as whole words ("cats" does not contain "cat"); CoIN takes any case-sensitive substring
-        return float(bool(predicted) and any(f" {t} " in f" {predicted} " for t in truths))
+        return float(any(_contains(prediction, a) for a in _as_list(answer)))
     if scorer == "iou":
         truth = parse_bbox(answer) if isinstance(answer, str) else answer
         if truth is None or len(truth) != 4:
@@ -268,6 +274,108 @@ def score_predictions(task, predictions):
     texts, answers = [p["text"] for p in predictions], [p["answer"] for p in predictions]
     follows = sum(follows_instruction(task, t, a) for t, a in zip(texts, answers))
     return task_score(task, texts, answers), 100.0 * follows / len(predictions)
+
+
+# ----------------------------------------------------------------------------------------------
+# General knowledge: is the content right, whatever its format? CoIN's second axis (DESIGN.md section 5b), judged
+# by rules (`knowledge`) or, as CoIN does, by an LLM (`judge_run`).
+
+STOP_WORDS = set("a an the is are was were be of to in on at by for with and or that this it its there says".split())
+ANY_BOX = re.compile(r"[\[(]" + ",".join([NUMBER] * 4) + r"[\])]")
+
+
+def knowledge(task, prediction, answer, prompt=""):
+    """Whether the prediction's CONTENT is right, whatever its format: a rule judge in [0, 1].
+
+    letter: it names the right option and no other, by letter (a capital standing alone, or either case as the
+      whole answer or marked at its start: "B", "it is B", "b", "(b) circle") or by the option's text (read from
+      the prompt's "A. circle" lines); a capital "A" before a lower-case word is the article.
+    phrase: the normalised ground truth occurs as whole words in the normalised prediction ("The sign says SUN."
+      knows "sun"); with several human answers, VQA soft accuracy with that match in place of equality.
+    bbox: the text holds a box ("[x1, y1, x2, y2]", or in parentheses) and every box in it has IoU > 0.5 with the
+      truth: a list of every object's box does not know which one was asked for.
+    caption: the share of the reference's content words (all but STOP_WORDS: colours, shapes, objects, relations,
+      the written word) that the prediction has, the best over the references.
+    """
+    kind = _task(task).answer_kind
+    if kind == "letter":
+        options = dict(re.findall(r"^\(?([A-Z])[.)] *(.+?) *$", prompt, re.M))
+        text = prediction.strip()
+        marked = re.fullmatch(r"\(?([A-Za-z])[.):]?", text) or re.match(r"\(?([A-Za-z])[.):]\s", text)
+        named = {m.group(1) for m in re.finditer(r"\b([A-Z])\b", text) if not re.match(r"A [a-z]", text[m.start():])}
+        named = (named | ({marked.group(1).upper()} if marked else set())) & set(options or string.ascii_uppercase)
+        return float(named | {k for k, text in options.items() if _contains(prediction, text)} == {answer.strip()})
+    if kind == "phrase":
+        return _human_agreement([_contains(prediction, a) for a in _as_list(answer)])
+    if kind == "bbox":
+        truth = parse_bbox(answer) if isinstance(answer, str) else answer
+        boxes = [[float(v) for v in m.groups()] for m in ANY_BOX.finditer(prediction)]
+        return float(bool(boxes) and all(iou(box, truth) > 0.5 for box in boxes))
+    said = set(re.findall(r"\w+", prediction.lower()))
+    wanted = [set(re.findall(r"\w+", r.lower())) - STOP_WORDS for r in _as_list(answer)]
+    return max((len(words & said) / len(words) for words in wanted if words), default=0.0)
+
+
+# CoIN's LLM judge, word for word (DESIGN.md section 5b); it sees no image. ours, not CoIN's quirks: greedy decoding
+# (CoIN samples: temperature 0.7, top_p 0.8); the question is the prompt without its instruction
+# (data.find_instruction: CoIN drops the last line, which empties grounding's question and keeps VizWiz's first
+# instruction line); the system message CoIN wrote (its run overwrote it with "You are a helpful assistant.").
+JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
+JUDGE_PROMPT = (
+    "[Context]\n[Question]\n{question}\n\n[Ground truth answer]\n{answer}\n\n[End of ground truth answer]\n\n"
+    "[Assistant]\n{prediction}\n\n[End of Assistant]\n\n[System]\n"
+    "We would like to request your feedback on the performance of an AI assistants in response to the user question "
+    "displayed above.\nPlease rate the accuracy of its responses according to the ground truth answer displayed "
+    "above. The assistant receives an overall score on a scale of 0 to 10, where a higher score indicates better "
+    "overall performance.\nPlease output a single line containing only a values indicating the scores for the "
+    "Assistant.")
+
+
+def parse_judge_score(reply):
+    """The judge's score: the first number in [0, 10] in its reply, else 0 (unparseable counts 0, as in CoIN).
+
+    ours: CoIN reads float(reply), else the part before "/", else the first DIGIT 1-9 anywhere: "Score: 10" reads
+    1, "-3" reads -3, "15, no, 6" reads 1. Here "Score: 10" is 10, and numbers outside [0, 10] are skipped.
+    """
+    return next((float(n) for n in re.findall(r"-?\d+(?:\.\d+)?", reply) if 0 <= float(n) <= 10), 0.0)
+
+
+def judge_messages(task, prediction):
+    """CoIN's judge chat for one saved prediction {"prompt", "text", "answer"}."""
+    prompt, answer = prediction.get("prompt", ""), prediction["answer"]
+    start, end = data.find_instruction(_task(task), prompt)
+    if not isinstance(answer, str):  # a box, or 10 human answers: the one most of them gave
+        answer = data.format_box(answer) if _task(task).answer_kind == "bbox" else Counter(answer).most_common(1)[0][0]
+    user = JUDGE_PROMPT.format(question=(prompt[:start] + prompt[end:]).strip(), answer=answer,
+                               prediction=prediction["text"])
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+def load_judge(name, device="cpu", dtype="float32"):
+    """A causal LM (a folder or hub id) and its tokenizer, padding on the left, for judge_replies."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype)).to(device)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--judge {name!r}: cannot load a causal LM and its tokenizer ({str(e).splitlines()[0]})"
+                         ) from None
+    tokenizer.padding_side = "left"  # every prompt ends at the same column, the replies start after it
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def judge_replies(model, tokenizer, chats, batch_size=16, desc="judging"):
+    """The judge's greedy replies (at most 20 new tokens, as CoIN's) to chats, in order, batched."""
+    replies = []
+    for start in tqdm(range(0, len(chats), batch_size), desc=desc, unit="batch"):
+        texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+                 for c in chats[start:start + batch_size]]
+        batch = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False).to(model.device)
+        with torch.no_grad():
+            output = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    do_sample=False, max_new_tokens=20, pad_token_id=tokenizer.pad_token_id)
+        replies += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return replies
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,30 +514,32 @@ def load_predictions(path):
 # ----------------------------------------------------------------------------------------------
 # The report: results.json, matrix.md, matrix.png.
 
-METRICS = ("AP", "MFT", "MAP", "BWT", "forgetting", "FWT", "MIF")
+METRICS = ("AP", "MFT", "MAP", "BWT", "forgetting", "FWT", "MIF", "GK")
 
 
-def run_metrics(matrix, mif, stages=None):
+def run_metrics(matrix, mif, stages=None, knowledge=None):
     """The metrics of a run's matrices (row 0 zero-shot, row t after stage t), all None until the run is
-    complete: every task evaluated after each stage up to it, and MIF after the last stage.
+    complete: every task evaluated after each stage up to it, and MIF and GK (CoIN's general knowledge: the
+    mean final knowledge) after the last stage.
 
     stages: how many training stages the run has (None: one per task, the continual setting). A run of 0 stages
-    (zero-shot) or 1 over all tasks (multitask) has nothing to forget: only AP and MIF of its last row.
+    (zero-shot) or 1 over all tasks (multitask) has nothing to forget: only AP, MIF and GK of its last row.
     """
     T = len(matrix[0])
+    last = T if stages is None else stages
+
+    def final(table):
+        return sum(table[last]) / T if table and len(table) > last and None not in table[last] else None
+    metrics = dict.fromkeys(METRICS)
     if stages is not None and stages != T:
-        metrics = dict.fromkeys(METRICS)
-        if len(matrix) > stages and None not in matrix[stages] and None not in mif[stages]:
-            metrics["AP"], metrics["MIF"] = sum(matrix[stages]) / T, sum(mif[stages]) / T
+        if final(matrix) is not None and final(mif) is not None:
+            metrics |= {"AP": final(matrix), "MIF": final(mif), "GK": final(knowledge)}
         return metrics
     rows = matrix[1:]
     if len(rows) < T or any(rows[t][i] is None for t in range(T) for i in range(t + 1)):
-        return dict.fromkeys(METRICS)
+        return metrics
     zero_shot = matrix[0] if None not in matrix[0] else None
-    metrics = continual_metrics(rows, zero_shot)
-    last_mif = mif[T] if len(mif) > T else [None]
-    metrics["MIF"] = sum(last_mif) / T if None not in last_mif else None
-    return metrics
+    return metrics | continual_metrics(rows, zero_shot) | {"MIF": final(mif), "GK": final(knowledge)}
 
 
 def _stages(results):
@@ -451,7 +561,8 @@ def _markdown(results):
     if results.get("notes"):
         lines += [results["notes"], ""]
     tables = [("Score (%; CIDEr x100 for captions)", tasks, results["matrix"]),
-              ("Instruction following (MIF, % of answers in the asked format)", tasks, results["mif"])]
+              ("Instruction following (MIF, % of answers in the asked format)", tasks, results["mif"]),
+              (f"Knowledge (%, whatever the format; {_judge_name(results)})", tasks, results["knowledge"])]
     if results.get("unseen"):
         unseen = results["unseen"]
         tables += [("Unseen tasks, never trained (zero-shot transfer; not in AP): score", unseen["tasks"],
@@ -468,11 +579,13 @@ def _markdown(results):
               "BWT and forgetting divide by T-1 (CoIN's tables by T).", ""]
     if results.get("dual_forgetting"):
         lines += ["## Dual forgetting: each earlier task's drop from right after learning it to the end", "",
-                  "| task | drop | format broke | format held, answer wrong |", "|---|---:|---:|---:|"]
-        lines += [f"| {task} | {_cell(d['drop'])} | {_cell(d['format_broke'])} | {_cell(d['format_held'])} |"
+                  "| task | drop | format broke, knowledge kept | format broke, knowledge lost | "
+                  "format held, answer wrong |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {task} | " + " | ".join(_cell(d[k]) for k in ("drop", *SPLIT)) + " |"
                   for task, d in results["dual_forgetting"].items()]
-        lines += ["", "Points of score lost on the samples whose final answer fails the task's format "
-                  "(instruction-following forgetting) and on those that keep it (the skill forgotten); "
+        lines += ["", "Points of score lost on the samples whose final answer fails the task's format, weighted by "
+                  "its knowledge (kept: the instruction alignment was lost, CoIN's finding) and by the rest (lost), "
+                  f"and on those that keep the format (the skill forgotten); knowledge by the {_judge_name(results)}; "
                   "negative: gained. Caption tasks split the per-sample CIDEr-D, not the corpus one.", ""]
     if results.get("seconds") is not None:
         lines.append(f"Run time: {results['seconds']:.0f} s")
@@ -488,13 +601,6 @@ def _colour(value):
     x = min(max(value / 100.0, 0.0), 1.0) * (len(COLOUR_STOPS) - 1)
     i = min(int(x), len(COLOUR_STOPS) - 2)
     return tuple(round(a + (b - a) * (x - i)) for a, b in zip(COLOUR_STOPS[i], COLOUR_STOPS[i + 1]))
-
-
-def _heatmap_png(results):
-    """Both matrices as heatmaps, one above the other, with a shared colour scale on the right."""
-    panels = [(f"{results['method']}: score", results["matrix"]),
-              (f"{results['method']}: instruction following (MIF)", results["mif"])]
-    return _heatmaps_png(panels, results["tasks"], _row_names(results))
 
 
 def _heatmaps_png(panels, columns, row_names):
@@ -540,28 +646,39 @@ def _heatmaps_png(panels, columns, row_names):
     return buffer.getvalue()
 
 
-def dual_forgetting(task, before, after):
-    """The drop of a task's score from `before` (its predictions right after it was learned) to `after` (after the
-    last stage), split by the final answer's format: CoIN's dual forgetting (DESIGN.md section 1), in points.
+SPLIT = ("format_broke_knowledge_kept", "format_broke_knowledge_lost", "format_held")
 
-        drop         = (100/n) sum_s (score_before(s) - score_after(s))
-        format_broke = the same sum over the samples whose final answer fails follows_instruction
-        format_held  = over those whose final answer keeps the format: the content is what was forgotten
-    so drop = format_broke + format_held, and for all but caption tasks drop = A[i][i] - A[T][i]. Samples are
-    paired by question_id; `score` per sample (for captions the pair CIDEr-D, not the corpus one).
+
+def dual_forgetting(task, before, after, known=None):
+    """The drop of a task's score from `before` (its predictions right after it was learned) to `after` (after the
+    last stage), split three ways by the final answer's format and knowledge: dual forgetting (DESIGN.md sections
+    1 and 5b), in points. With d(s) = score_before(s) - score_after(s) and k(s) the final answer's knowledge:
+
+        drop                        = (100/n) sum_s d(s)
+        format_broke_knowledge_kept = (100/n) sum_s k(s) d(s) over the samples whose final answer fails
+                                      follows_instruction: the content is still there, the alignment was lost
+        format_broke_knowledge_lost = (100/n) sum_s (1 - k(s)) d(s) over the same samples
+        format_held                 = (100/n) sum_s d(s) over those that keep the format: the skill forgotten
+    so the three add up to the drop, and for all but caption tasks drop = A[i][i] - A[T][i]. known: k(s) of each
+    sample of after, in order (default: the rule judge). Samples are paired by question_id; `score` per sample.
     """
     earlier = {str(p["question_id"]): p["text"] for p in before}
     if sorted(earlier) != sorted(str(p["question_id"]) for p in after) or not after:
         raise ValueError(f"{task}: the two stages' predictions are not of the same (non-empty) set of questions")
-    broke = held = 0.0
-    for p in after:
-        change = score(task, earlier[str(p["question_id"])], p["answer"]) - score(task, p["text"], p["answer"])
+    split = dict.fromkeys(SPLIT, 0.0)
+    for p, k in zip(after, _known(task, after) if known is None else known):
+        change = 100.0 / len(after) * (score(task, earlier[str(p["question_id"])], p["answer"])
+                                       - score(task, p["text"], p["answer"]))
         if follows_instruction(task, p["text"], p["answer"]):
-            held += change
+            split["format_held"] += change
         else:
-            broke += change
-    n = len(after)
-    return {"drop": 100.0 * (broke + held) / n, "format_broke": 100.0 * broke / n, "format_held": 100.0 * held / n}
+            split["format_broke_knowledge_kept"] += k * change
+            split["format_broke_knowledge_lost"] += (1 - k) * change
+    return {"drop": sum(split.values()), **split}
+
+
+def _predictions_path(run_dir, stage, task):
+    return os.path.join(run_dir, "predictions", f"stage{stage}", f"{task}.jsonl")
 
 
 def _dual_forgetting(run_dir, results):
@@ -571,21 +688,71 @@ def _dual_forgetting(run_dir, results):
         return {}
     found = {}
     for i, task in enumerate(tasks[:-1]):
-        before, after = (os.path.join(run_dir, "predictions", f"stage{t}", f"{task}.jsonl") for t in (i + 1, T))
+        before, after = _predictions_path(run_dir, i + 1, task), _predictions_path(run_dir, T, task)
         if os.path.isfile(before) and os.path.isfile(after):
-            found[task] = dual_forgetting(task, load_predictions(before), load_predictions(after))
+            final = load_predictions(after)
+            found[task] = dual_forgetting(task, load_predictions(before), final,
+                                          _known(task, final, after, results.get("knowledge_judge")))
     return found
 
 
+def _judged(path, judge):
+    """{(question_id, prediction): reply} of the LLM `judge`, cached beside the predictions at path."""
+    cache = path[:-len(".jsonl")] + ".judge.jsonl"
+    cached = load_predictions(cache) if os.path.isfile(cache) else []
+    return {(str(c["question_id"]), c["text"]): c["reply"] for c in cached if c.get("judge") == judge}
+
+
+def _known(task, predictions, path=None, judge=None):
+    """Each prediction's knowledge in [0, 1]: the rule judge's, or the LLM judge's cached score / 10."""
+    if judge is None:
+        return [knowledge(task, p["text"], p["answer"], p.get("prompt", "")) for p in predictions]
+    replies = _judged(path, judge)
+    if any((str(p["question_id"]), p["text"]) not in replies for p in predictions):
+        raise ValueError(f"{path}: some predictions are not judged by {judge}; run: eval.py RUN_DIR --judge {judge}")
+    return [parse_judge_score(replies[str(p["question_id"]), p["text"]]) / 10 for p in predictions]
+
+
+def _judge_name(results):
+    return f"LLM judge {results['knowledge_judge']}, score x 10" if results.get("knowledge_judge") else "rule judge"
+
+
+def judge_run(run_dir, results, judge, device="cpu", dtype="float32"):
+    """Have the causal LM `judge` rate each saved prediction of the run's tasks that it has not rated yet, and cache
+    its replies beside them, a file at a time, in predictions/stage<t>/<task>.judge.jsonl ({"question_id", "text",
+    "answer", "judge", "reply"}): a rerun costs nothing, and only a changed prediction is judged again."""
+    model = tokenizer = None
+    for t, task, path in _evaluated(run_dir, results):
+        predictions, replies = load_predictions(path), _judged(path, judge)
+        pending = [p for p in predictions if (str(p["question_id"]), p["text"]) not in replies]
+        if pending:
+            if model is None:
+                model, tokenizer = load_judge(judge, device, dtype)
+            chats = [judge_messages(task, p) for p in pending]
+            for p, reply in zip(pending, judge_replies(model, tokenizer, chats, desc=f"judging stage{t} {task}")):
+                replies[str(p["question_id"]), p["text"]] = reply
+            save_predictions(path[:-len(".jsonl")] + ".judge.jsonl", [
+                {**{k: p[k] for k in ("question_id", "text", "answer")}, "judge": judge,
+                 "reply": replies[str(p["question_id"]), p["text"]]} for p in predictions])
+
+
+def _evaluated(run_dir, results):
+    """(stage, task, path) of each evaluated cell of the run's matrix whose predictions are saved."""
+    return [(t, task, _predictions_path(run_dir, t, task)) for t, row in enumerate(results["matrix"])
+            for task, cell in zip(results["tasks"], row)
+            if cell is not None and os.path.isfile(_predictions_path(run_dir, t, task))]
+
+
 def write_report(run_dir, results):
-    """Write results.json (DESIGN.md section 8), matrix.md and matrix.png into run_dir, each atomically;
-    return the results as written.
+    """Write results.json (DESIGN.md section 8), matrix.md and matrix.png (score, MIF and knowledge as heatmaps)
+    into run_dir, each atomically; return the results as written.
 
     results: {"method", "tasks", "config", "matrix", "mif", "seconds"} and optionally "stages" (what each stage
     tuned on, default the tasks), "notes" (a line on the method) and "unseen" ({"tasks", "matrix", "mif"} of
     tasks never trained). matrix and mif have row 0 zero-shot and row t after stage t, one column per task;
-    rows not run yet may be left out and cells not evaluated be None. "metrics" is (re)computed here by
-    run_metrics, and "dual_forgetting" from the predictions saved in run_dir/predictions.
+    rows not run yet may be left out and cells not evaluated be None; "knowledge_judge" names the LLM judge whose
+    replies judge_run cached (default: the rule judge). "knowledge", "metrics" (run_metrics) and "dual_forgetting"
+    are (re)computed here, from the predictions saved in run_dir/predictions.
     """
     rows = len(_stages(results)) + 1
     tables = [("", results["tasks"], results)] + ([("unseen ", results["unseen"]["tasks"], results["unseen"])]
@@ -596,25 +763,29 @@ def write_report(run_dir, results):
             if len(table[name][0]) != len(tasks) or len(table[name]) > rows:
                 raise ValueError(f"{prefix}{name} is {len(table[name])}x{len(table[name][0])}; expected at most "
                                  f"{rows} rows (zero-shot + one per stage) of {len(tasks)} tasks")
-    results = {**results, "metrics": run_metrics(results["matrix"], results["mif"], rows - 1),
+    known = [[None] * len(row) for row in results["matrix"]]  # knowledge in percent, shaped as the matrix
+    for t, task, path in _evaluated(run_dir, results):
+        cell = _known(task, load_predictions(path), path, results.get("knowledge_judge"))
+        known[t][results["tasks"].index(task)] = 100.0 * sum(cell) / len(cell) if cell else None
+    results = {**results, "knowledge": known,
+               "metrics": run_metrics(results["matrix"], results["mif"], rows - 1, known),
                "dual_forgetting": _dual_forgetting(run_dir, results)}
     write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2) + "\n")
     write_atomic(os.path.join(run_dir, "matrix.md"), _markdown(results))
-    write_atomic(os.path.join(run_dir, "matrix.png"), _heatmap_png(results))
+    panels = [(f"{results['method']}: score", results["matrix"]), (f"{results['method']}: instruction following "
+              f"(MIF)", results["mif"]), (f"{results['method']}: knowledge ({_judge_name(results)})", known)]
+    write_atomic(os.path.join(run_dir, "matrix.png"), _heatmaps_png(panels, results["tasks"], _row_names(results)))
     return results
 
 
-def rescore_run(run_dir):
+def rescore_run(run_dir, judge=None, device="cpu", dtype="float32"):
     """Rebuild matrix and mif (and the unseen tasks') from run_dir/predictions/stage<t>/<task>.jsonl (stage0 =
-    zero-shot), keep the rest of run_dir/results.json, and rewrite the report. Returns the results."""
+    zero-shot), keep the rest of run_dir/results.json, and rewrite the report; knowledge by the LLM `judge` (a
+    causal LM's folder or hub id: judge_run) if given, else by the rule judge. Returns the results."""
     path = os.path.join(run_dir, "results.json")
     if not os.path.isfile(path):
         raise ValueError(f"{path} not found; RUN_DIR must be a run folder written by smolora.py")
-    with open(path) as f:
-        try:
-            old = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not JSON ({e})") from None
+    old = data.read_json(path)
     if not isinstance(old, dict) or not {"method", "tasks"} <= old.keys():
         raise ValueError(f"{path} needs at least 'method' and 'tasks'")
     config = old.get("config") or {}
@@ -635,7 +806,7 @@ def rescore_run(run_dir):
                 records = data.load_records(data_root, task, "test")[:config.get("max_test")]  # the run's share
                 test_ids = Counter(str(r["id"]) for r in records)
             for t in range(rows):
-                pred_path = os.path.join(run_dir, "predictions", f"stage{t}", f"{task}.jsonl")
+                pred_path = _predictions_path(run_dir, t, task)
                 if not os.path.isfile(pred_path):
                     continue
                 predictions = load_predictions(pred_path)
@@ -645,13 +816,16 @@ def rescore_run(run_dir):
                     raise ValueError(f"{pred_path}: question ids do not match the {len(test_ids)} test records of "
                                      f"{task} in {data_root}")
                 table["matrix"][t][i], table["mif"][t][i] = score_predictions(task, predictions)
+    if judge:
+        judge_run(run_dir, results, judge, device, dtype)
+        results["knowledge_judge"] = judge
     return write_report(run_dir, results)
 
 
 # ----------------------------------------------------------------------------------------------
 # The comparison of methods run on the same tasks, seed and base: compare.md and compare.png.
 
-COMPARED = ("AP", "MAP", "BWT", "forgetting", "MIF")
+COMPARED = ("AP", "MAP", "BWT", "forgetting", "MIF", "GK")
 
 
 def _comparison_rows(runs):
@@ -659,7 +833,7 @@ def _comparison_rows(runs):
     rows = []
     for r in runs:
         dual = list((r.get("dual_forgetting") or {}).values())
-        split = {k: sum(d[k] for d in dual) / len(dual) if dual else None for k in ("format_broke", "format_held")}
+        split = {k: sum(d[k] for d in dual) / len(dual) if dual else None for k in SPLIT}
         unseen = (r.get("unseen") or {}).get("matrix")
         final = unseen[-1] if unseen and len(unseen) == len(_stages(r)) + 1 else None
         rows.append({**{k: r["metrics"][k] for k in COMPARED}, **split,
@@ -669,39 +843,40 @@ def _comparison_rows(runs):
 
 def _comparison_markdown(runs):
     rows, tasks = _comparison_rows(runs), runs[0]["tasks"]
-    columns = (*COMPARED, "format_broke", "format_held", "unseen")
+    columns = (*COMPARED, *SPLIT, "unseen")
     lines = [f"# Comparison: {' -> '.join(tasks)}", "",
              "Each method tuned on the same tasks, in this order, from the same base model and seed.", "",
              "| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     lines += [f"| {r['method']} | " + " | ".join(_cell(row[k]) for k in columns) + " |" for r, row in zip(runs, rows)]
-    lines += ["", "AP, MAP, BWT, forgetting, MIF as in each run's matrix.md (DESIGN.md section 6). format_broke / "
-              "format_held: the mean drop of an earlier task, in points, on the samples whose final answer broke "
-              "the task's format / kept it but was wrong (dual forgetting). unseen: the mean final score on the "
-              "tasks never trained. – : not defined for the method, or not run.", ""]
+    lines += ["", "AP, MAP, BWT, forgetting, MIF, GK as in each run's matrix.md (DESIGN.md section 6). "
+              "format_broke_knowledge_kept / _lost, format_held: the mean drop of an earlier task, in points, on the "
+              "samples whose final answer broke the task's format but kept / lost its content, and on those that "
+              "kept the format but were wrong (dual forgetting). unseen: the mean final score on the tasks never "
+              "trained. – : not defined for the method, or not run.", ""]
     lines += [f"- **{r['method']}**: {r['notes']}" for r in runs if r.get("notes")]
     earlier = tasks[:-1]
     if any(r.get("dual_forgetting") for r in runs):
-        lines += ["", "## Dual forgetting per earlier task: format broke / format held (points)", "",
+        lines += ["", "## Dual forgetting per earlier task: format broke, knowledge kept / format broke, knowledge "
+                  "lost / format held (points)", "",
                   "| method | " + " | ".join(earlier) + " |", "|---|" + "---:|" * len(earlier)]
         for r in runs:
             dual = r.get("dual_forgetting") or {}
             lines.append(f"| {r['method']} | " + " | ".join(
-                f"{dual[t]['format_broke']:.1f} / {dual[t]['format_held']:.1f}" if t in dual else "–"
+                " / ".join(f"{dual[t][k]:.1f}" for k in SPLIT) if t in dual else "–"
                 for t in earlier) + " |")
     return "\n".join(lines) + "\n"
 
 
-BROKE, HELD, BAR = (220, 80, 60), (59, 82, 139), (33, 145, 140)
+SPLIT_COLOURS, BAR = ((240, 170, 60), (220, 80, 60), (59, 82, 139)), (33, 145, 140)
 
 
 def _comparison_png(runs):
     """A panel of horizontal bars per metric, one bar per method from the zero line, and a last panel with each
-    method's mean forgetting split: the format-broke part, then the format-held part stacked on it."""
+    method's mean forgetting split three ways (format broke with knowledge kept, lost; format held), stacked."""
     font = ImageFont.load_default(size=14)
     rows = _comparison_rows(runs)
     panels = [(k, [[(row[k], BAR)] for row in rows]) for k in COMPARED]
-    panels.append(("forgetting: broke + held", [[(row["format_broke"], BROKE), (row["format_held"], HELD)]
-                                                for row in rows]))
+    panels.append(("forgetting: split", [[(row[k], c) for k, c in zip(SPLIT, SPLIT_COLOURS)] for row in rows]))
     label_w, bar_h, panel_w, pad, top = max(font.getlength(r["method"]) for r in runs) + 16, 26, 190, 14, 44
     width, height = int(pad + label_w + len(panels) * (panel_w + pad)), top + bar_h * len(runs) + 3 * pad + 16
     image = Image.new("RGB", (width, height), "white")
@@ -727,7 +902,7 @@ def _comparison_png(runs):
             label = "-" if all(v is None for v, _ in bar) else f"{end[-1]:.1f}"
             draw.text((x(end[-1]) + (-3 if end[-1] < 0 else 3), y + (bar_h - 8) / 2), label, fill="black", font=font,
                       anchor="rm" if end[-1] < 0 else "lm")
-    legend = (("format broke", BROKE), ("format held", HELD))
+    legend = tuple(zip(("format broke, knowledge kept", "format broke, knowledge lost", "format held"), SPLIT_COLOURS))
     left = width - pad - sum(font.getlength(name) + 30 for name, _ in legend)
     for name, colour in legend:
         draw.rectangle((left, height - pad - 12, left + 10, height - pad - 2), fill=colour)
@@ -800,9 +975,16 @@ def write_routing(run_dir, method, picks, pool_size):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Re-score a run's saved predictions and rewrite its report.")
     parser.add_argument("run_dir", help="a run folder (results.json, predictions/stage<t>/<task>.jsonl)")
+    parser.add_argument("--judge", metavar="MODEL", help="judge knowledge with this causal LM (a folder or hub id), "
+                        "as CoIN does, its replies cached beside the predictions; default: the rule judge")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu)")
     args = parser.parse_args(argv)
     try:
-        results = rescore_run(args.run_dir)
+        dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype {dtype!r} is not allowed: choose float32, bfloat16 or float16")
+        results = rescore_run(args.run_dir, args.judge, args.device, dtype)
     except ValueError as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -12,9 +12,11 @@ import io
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -420,7 +422,7 @@ def pretrain_tiny_model(path, seed=0, progress=True):
         if step % PRETRAIN["pool"] == 0:
             batches = caption_batches(PRETRAIN["batch_size"], PRETRAIN["pool"], f"{seed}/{step}")
         batch = collate(batches[step % PRETRAIN["pool"]])
-        bar.set_postfix(loss=f"{train_step(model, batch, optimizer, schedule):.3f}")
+        bar.set_postfix(loss=f"{train_step(model, [batch], optimizer, schedule):.3f}")
     save_checkpoint(model.eval(), processor, path)
     return path
 
@@ -491,20 +493,27 @@ def answer_loss(model, batch):
                  pixel_values=batch["pixel_values"].to(model.dtype), labels=batch["labels"]).loss
 
 
-def train_step(model, batch, optimizer, schedule, max_grad_norm=1.0, penalty=None):
-    """One step on the answer loss, plus penalty() when a method adds one (EWC, O-LoRA)."""
-    loss = answer_loss(model, batch)
-    if penalty is not None:
-        loss = loss + penalty()
-    if not torch.isfinite(loss):
-        raise NaNLoss(f"the loss became {loss.item()}")
-    loss.backward()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    schedule.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+def train_step(model, batches, optimizer, schedule, max_grad_norm=1.0, penalty=None):
+    """One optimizer step on the answer loss averaged over the micro-batches (a list of collated batches: gradient
+    accumulation), plus penalty() when a method adds one (EWC, O-LoRA). Returns the loss."""
+    total = 0.0
+    for batch in batches:
+        loss = answer_loss(model, batch) + (penalty() if penalty is not None else 0)
+        if not torch.isfinite(loss):
+            raise NaNLoss(f"the loss became {loss.item()}")
+        (loss / len(batches)).backward()                  # the gradient of the mean over the micro-batches
+        total += loss.item() / len(batches)
+    pressed, previous = [], signal.signal(signal.SIGINT, lambda *_: pressed.append(1))
+    try:   # Ctrl-C waits for the update to end, then raises: a step is taken whole or not at all (train_stage)
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+    return total
 
 
 # The methods of the papers' tables (DESIGN.md 2.4), in their order: the adapter each tunes and what it is.
@@ -591,15 +600,18 @@ def orthogonality_penalty(model, lam=1.0):
 
 SYNTHETIC = dict(n_train=1000, n_test=200)   # records per task of the synthetic mini-CoIN
 CHECKPOINT_SECONDS = 300                     # a mid-stage checkpoint at most this often
-# Adapter and training defaults: the papers' for a real checkpoint; for the tiny model a rank and learning
-# rate in proportion to its width (128 against 4096) and epochs enough for it to learn a task.
-PAPER_DEFAULTS = dict(r=128, alpha=256, experts=8, lr=1e-4, batch_size=8, epochs=1)
-TINY_DEFAULTS = dict(r=32, alpha=64, experts=8, lr=5e-3, batch_size=32, epochs=8)
+# Adapter and training defaults. For a real checkpoint each method's paper's (DESIGN.md 7): SMoLoRA's lr 1e-4 and
+# weight decay 0.01, CoIN's lr 2e-4 and 0, both at SMoLoRA's global batch of 64, 8 x 8 accumulated (ours for CoIN's
+# methods: its 8 GPUs x 6-16 x 8 is 384-1024, a handful of steps on a few thousand records). For the tiny model a
+# rank and learning rate in proportion to its width (128 against 4096) and epochs enough for it to learn a task.
+PAPER_DEFAULTS = dict(r=128, alpha=256, experts=8, lr=2e-4, batch_size=8, grad_accum=8, epochs=1, weight_decay=0.0)
+SMOLORA_PAPER_DEFAULTS = dict(PAPER_DEFAULTS, lr=1e-4, weight_decay=0.01)
+TINY_DEFAULTS = dict(r=32, alpha=64, experts=8, lr=5e-3, batch_size=32, grad_accum=1, epochs=8, weight_decay=0.0)
 PROJECTOR_LR_FACTOR = 0.2                    # SMoLoRA's projector adapters: 2e-5 against 1e-4 (DESIGN.md 2.3)
 # what must agree for --resume to continue a run, or for a rerun to replace it
-RUN_IDENTITY = ("method", "tasks", "model", "data", "seed", "epochs", "lr", "batch_size", "r", "alpha",
-                "experts", "top_k", "weight_decay", "max_train", "max_test", "replay_ratio", "ewc_lambda", "olora_lambda",
-                "unseen", "instructions")
+RUN_IDENTITY = ("method", "tasks", "model", "data", "seed", "epochs", "lr", "batch_size", "grad_accum", "r",
+                "alpha", "experts", "top_k", "weight_decay", "max_train", "max_test", "replay_ratio", "ewc_lambda",
+                "olora_lambda", "unseen", "instructions")
 
 
 def adapter_hparams(cfg):
@@ -647,9 +659,11 @@ def evaluate(model, processor, task, records, path, cfg, progress=True):
 
 
 def train_stage(model, processor, records, cfg, stage, out, name, penalty=None, progress=True):
-    """Tune the adapters on one stage's records (stage `name`); a checkpoint every CHECKPOINT_SECONDS, resumable."""
-    steps = max(1, math.ceil(cfg["epochs"] * len(records) / cfg["batch_size"]))
-    batches = batch_order(len(records), cfg["batch_size"], steps, cfg["seed"] + stage)
+    """Tune the adapters on one stage's records (stage `name`) in optimizer steps of grad_accum micro-batches; a
+    checkpoint every CHECKPOINT_SECONDS and on Ctrl-C, from which --resume continues to the same bits."""
+    accum = cfg["grad_accum"]
+    steps = max(1, math.ceil(cfg["epochs"] * len(records) / (cfg["batch_size"] * accum)))   # optimizer steps
+    batches = batch_order(len(records), cfg["batch_size"], steps * accum, cfg["seed"] + stage)
     llm, projector = [], []
     for parameter_name, p in model.named_parameters():
         if p.requires_grad:
@@ -661,38 +675,49 @@ def train_stage(model, processor, records, cfg, stage, out, name, penalty=None, 
     torch.manual_seed(cfg["seed"] + stage)          # adapter dropout: the same draws on every run
     checkpoint, start = out / "checkpoint.pt", 0
     if cfg["resume"] and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+        try:   # tensors, numbers and dicts only: a checkpoint.pt from elsewhere runs no code
+            state = torch.load(checkpoint, weights_only=True)
+        except pickle.UnpicklingError:
+            raise ValueError(f"{checkpoint} holds more than tensors, numbers and dicts and is refused (loading it "
+                             f"could run code); delete it to redo stage {stage} from its start") from None
         if state["stage"] == stage:
             load_adapter_state_dict(model, state["adapters"])
             optimizer.load_state_dict(state["optimizer"])
             schedule.load_state_dict(state["schedule"])
             torch.set_rng_state(state["rng"])
             start = state["step"]
+
+    def save(done):
+        buffer = io.BytesIO()
+        torch.save({"stage": stage, "step": done, "adapters": adapter_state_dict(model), "rng": torch.get_rng_state(),
+                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, buffer)
+        eval.write_atomic(checkpoint, buffer.getvalue())
     collate, last_save = data.Collator(processor, train=True), time.time()
     model.train()
     bar = tqdm(range(start, steps), desc=f"stage {stage}: tuning on {name}", initial=start, total=steps,
                disable=not progress)
     for step in bar:
+        rng = torch.get_rng_state()
         try:
-            loss = train_step(model, collate([records[i] for i in batches[step]]), optimizer, schedule,
-                              penalty=penalty)
+            loss = train_step(model, [collate([records[i] for i in batch]) for batch in
+                                      batches[step * accum:(step + 1) * accum]], optimizer, schedule, penalty=penalty)
         except NaNLoss as e:
             kept = checkpoint if checkpoint.exists() else out / "adapters" / f"stage{stage - 1}.safetensors"
             raise NaNLoss(f"{e} at stage {stage} step {step}: stopped; the last good checkpoint is kept "
                           f"({kept if kept.exists() else 'none yet'}); lower --lr and rerun with --resume") from None
+        except KeyboardInterrupt:   # the steps done are kept; a step cut short is dropped whole, its dropout draws too
+            done = schedule.last_epoch                   # the steps taken (train_step's update is uninterrupted)
+            if done == step:
+                torch.set_rng_state(rng)
+                optimizer.zero_grad(set_to_none=True)
+            bar.close()
+            save(done)
+            raise KeyboardInterrupt(f"interrupted at stage {stage} step {done}; continue with --resume") from None
         bar.set_postfix(loss=f"{loss:.3f}")
         if time.time() - last_save > CHECKPOINT_SECONDS and step + 1 < steps:
-            eval.write_atomic(checkpoint, torch_bytes(
-                {"stage": stage, "step": step + 1, "adapters": adapter_state_dict(model), "rng": torch.get_rng_state(),
-                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}))
+            save(step + 1)
             last_save = time.time()
     model.eval()
-
-
-def torch_bytes(obj):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
 
 
 def ensure_tiny_model(cache, progress=True):
@@ -810,8 +835,8 @@ def parse_methods(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Continual visual instruction tuning: tune a LLaVA model on tasks "
-                                            "one after another, evaluate every task after every stage.")
+    p = argparse.ArgumentParser(prog="smolora.py", description="Continual visual instruction tuning: tune a LLaVA "
+                                "model on tasks one after another, evaluate every task after every stage.")
     p.add_argument("--tasks", required=True, help="comma-separated task names in training order, or 'coin' "
                                                   "(CoIN's 8) or 'smolora' (SMoLoRA's 6 upstream)")
     p.add_argument("--method", default="smolora", help=f"{' | '.join(METHODS)}; or several, comma-separated, or "
@@ -824,8 +849,11 @@ def parse_args(argv=None):
                                                        "(default $SMOLORA_CACHE or ~/.cache/smolora)")
     p.add_argument("--seed", type=int, default=0, help="seed of adapter init, data order and dropout")
     p.add_argument("--epochs", type=float, help="passes over each task's training records")
-    p.add_argument("--lr", type=float, help="learning rate of the LLM's adapters (projector's: x0.2)")
-    p.add_argument("--batch-size", type=int, help="training and evaluation batch size")
+    p.add_argument("--lr", type=float, help="learning rate of the LLM's adapters (projector's: x0.2; default on a "
+                                            "real checkpoint: 1e-4 for smolora, 2e-4 for CoIN's and the others)")
+    p.add_argument("--batch-size", type=int, help="training (micro-)batch and evaluation batch size")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: 8 on a real checkpoint, "
+                                                  "for the papers' global batch of 64; 1 on the tiny model)")
     p.add_argument("--r", type=int, help="total adapter rank (olora: shared by the tasks, r/T each)")
     p.add_argument("--alpha", type=float, help="LoRA alpha: the scale is alpha / r")
     p.add_argument("--experts", type=int, help="number of experts (MoELoRA, SMoLoRA)")
@@ -840,11 +868,23 @@ def parse_args(argv=None):
     p.add_argument("--instructions", default="default", choices=("default", "diverse"),
                    help="diverse: evaluate with paraphrased instructions never trained on")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--max-train", type=int, help="use at most this many training records per task")
     p.add_argument("--max-test", type=int, help="evaluate on at most this many test records per task")
     return p.parse_args(argv)
+
+
+def check_device(device, dtype):
+    """Refuse a --device this machine lacks or a --dtype it cannot compute in (a CPU computes in all three)."""
+    cuda = re.fullmatch(r"cuda(:\d+)?", device)
+    if not (cuda or device == "cpu") or cuda and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} is not allowed: choose cpu, or cuda or cuda:N on a machine with CUDA "
+                         f"(this one has {'' if torch.cuda.is_available() else 'no '}CUDA)")
+    if cuda and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--dtype bfloat16 is not allowed on {torch.cuda.get_device_name(device)}, which cannot "
+                         f"compute in it: choose float16 or float32")
 
 
 def make_config(args, method=None):
@@ -856,21 +896,17 @@ def make_config(args, method=None):
     unseen = parse_tasks(args.unseen, "--unseen") if args.unseen else []
     if set(unseen) & set(tasks):
         raise ValueError(f"--unseen {args.unseen!r} is not allowed: unseen tasks must not be among --tasks")
-    defaults = PAPER_DEFAULTS if args.model else TINY_DEFAULTS
+    defaults = (SMOLORA_PAPER_DEFAULTS if method == "smolora" else PAPER_DEFAULTS) if args.model else TINY_DEFAULTS
     cfg = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype {dtype!r} is not allowed: choose float32, bfloat16 or float16")
-    weight_decay = args.weight_decay
-    if weight_decay is None:   # SMoLoRA's scripts 0.01, CoIN's 0; the tiny base learns its tasks without
-        weight_decay = 0.01 if args.model and method == "smolora" else 0.0
-    if weight_decay < 0:
-        raise ValueError(f"--weight-decay {weight_decay} is not allowed: it must be 0 or more")
-    for name in ("epochs", "lr", "batch_size", "r", "alpha", "experts", "top_k", "max_train", "max_test",
-                 "replay_ratio", "ewc_lambda", "olora_lambda"):
-        value = cfg.get(name, getattr(args, name))
-        if value is not None and value <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} {value} is not allowed: it must be positive")
+    check_device(args.device, dtype)
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is not allowed: it is a file; give a folder for the run")
+    for name in ("epochs", "lr", "batch_size", "grad_accum", "r", "alpha", "experts", "top_k", "max_train",
+                 "max_test", "replay_ratio", "ewc_lambda", "olora_lambda", "weight_decay"):
+        value, least = cfg.get(name, getattr(args, name)), "0 or more" if name == "weight_decay" else "positive"
+        if value is not None and (value < 0 or value == 0 and least == "positive"):
+            raise ValueError(f"--{name.replace('_', '-')} {value} is not allowed: it must be {least}")
     if args.replay_ratio > 1:
         raise ValueError(f"--replay-ratio {args.replay_ratio} is not allowed: it must be in (0, 1]")
     out = args.out or f"runs/{method}-{'-'.join(tasks)}"
@@ -879,7 +915,7 @@ def make_config(args, method=None):
     return {"method": method, "tasks": tasks, "model": args.model,
             "data": str(Path(args.data).resolve()) if args.data else None,
             "out": str(out), "resume": args.resume, "cache": args.cache,
-            "seed": args.seed, **cfg, "top_k": args.top_k, "weight_decay": weight_decay, "max_train": args.max_train, "max_test": args.max_test,
+            "seed": args.seed, **cfg, "top_k": args.top_k, "max_train": args.max_train, "max_test": args.max_test,
             "replay_ratio": args.replay_ratio if method == "replay" else None,     # only the method's own knobs,
             "ewc_lambda": args.ewc_lambda if method == "ewc" else None,             # so they name its run
             "olora_lambda": args.olora_lambda if method == "olora" else None,
@@ -905,6 +941,9 @@ def main(argv=None):
     except ValueError as e:   # bad input, a NaN loss: one line, exit status 2, nothing saved is lost
         print(f"smolora.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:   # Ctrl-C: training saved its step (train_stage), evaluation its finished tasks
+        print(str(e) or "interrupted; what was saved is kept: continue with --resume", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
