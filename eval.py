@@ -449,7 +449,8 @@ def continual_metrics(matrix, zero_shot=None):
 MAX_NEW_TOKENS = {"letter": 8, "phrase": 20, "bbox": 32, "caption": 48}
 
 
-def generate_predictions(model, processor, records, task, batch_size=16, before_generate=None, desc=None):
+def generate_predictions(model, processor, records, task, batch_size=16, before_generate=None, desc=None,
+                         progress=True):
     """Greedy answers of `model` to `records` (data.load_records), in order, as prediction dicts
     {"question_id", "prompt", "text", "answer"}; text is the decoded answer, stripped.
 
@@ -462,7 +463,8 @@ def generate_predictions(model, processor, records, task, batch_size=16, before_
     model.eval()  # no adapter dropout while answering
     predictions = []
     try:
-        for start in tqdm(range(0, len(records), batch_size), desc=desc or task, unit="batch"):
+        for start in tqdm(range(0, len(records), batch_size), desc=desc or task, unit="batch",
+                          disable=not progress):
             chunk = records[start:start + batch_size]
             batch = {k: v.to(model.device) for k, v in collate(chunk).items()}
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
