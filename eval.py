@@ -239,8 +239,7 @@ def follows_instruction(task, prediction, answer=None):
         is_truth = answer is not None and normalize_answer(text) in [normalize_answer(a) for a in _as_list(answer)]
         return 1 <= len(text.split()) <= 2 or (bool(text) and is_truth)
     if kind == "bbox":
-        box = BOX.fullmatch(text)
-        return box is not None and all(0.0 <= float(v) <= 1.0 for v in box.groups())
+        return (box := BOX.fullmatch(text)) is not None and all(0.0 <= float(v) <= 1.0 for v in box.groups())
     return len(text.split()) > 4 and text.endswith(".")
 
 
@@ -407,7 +406,8 @@ def continual_metrics(matrix, zero_shot=None):
 MAX_NEW_TOKENS = {"letter": 8, "phrase": 20, "bbox": 32, "caption": 48}
 
 
-def generate_predictions(model, processor, records, task, batch_size=16, before_generate=None, desc=None):
+def generate_predictions(model, processor, records, task, batch_size=16, before_generate=None, desc=None,
+                         progress=True):
     """Greedy answers of `model` to `records` (data.load_records), in order, as prediction dicts {"question_id",
     "prompt", "text", "answer"}, text stripped. before_generate(batch), if given, sees each collated batch (on the
     model's device, with its "ins_mask", which goes only to it) first: smolora.py sets SMoLoRA's routing there."""
@@ -416,7 +416,7 @@ def generate_predictions(model, processor, records, task, batch_size=16, before_
     model.eval()  # no adapter dropout while answering
     predictions = []
     try:
-        for start in tqdm(range(0, len(records), batch_size), desc=desc or task, unit="batch"):
+        for start in tqdm(range(0, len(records), batch_size), desc=desc or task, unit="batch", disable=not progress):
             chunk = records[start:start + batch_size]
             batch = {k: v.to(model.device) for k, v in collate(chunk).items()}
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)

@@ -772,19 +772,19 @@ def prepare_out(cfg):
     return out
 
 
-def evaluate(model, processor, task, records, path, cfg):
+def evaluate(model, processor, task, records, path, cfg, progress=True):
     """(score, MIF) of the model on a task; the predictions are saved, and reused when resuming."""
     if cfg["resume"] and path.exists():
         predictions = eval.load_predictions(path)
     else:
         predictions = eval.generate_predictions(model, processor, records, task, batch_size=cfg["batch_size"],
                                                 before_generate=lambda batch: route_batch(model, batch),
-                                                desc=f"evaluating {task}")
+                                                desc=f"evaluating {task}", progress=progress)
         eval.save_predictions(path, predictions)
     return eval.score_predictions(task, predictions)
 
 
-def train_stage(model, processor, records, cfg, stage, out, name, penalty=None):
+def train_stage(model, processor, records, cfg, stage, out, name, penalty=None, progress=True):
     """Tune the adapters on one stage's records (stage `name`) in optimizer steps of grad_accum micro-batches; a
     checkpoint every CHECKPOINT_SECONDS and on Ctrl-C, from which --resume continues to the same bits."""
     accum = cfg["grad_accum"]
@@ -820,7 +820,8 @@ def train_stage(model, processor, records, cfg, stage, out, name, penalty=None):
         eval.write_atomic(checkpoint, buffer.getvalue())
     collate, last_save = data.Collator(processor, train=True), time.time()
     model.train()
-    bar = tqdm(range(start, steps), desc=f"stage {stage}: tuning on {name}", initial=start, total=steps)
+    bar = tqdm(range(start, steps), desc=f"stage {stage}: tuning on {name}", initial=start, total=steps,
+               disable=not progress)
     for step in bar:
         rng = torch.get_rng_state()
         try:
@@ -892,7 +893,8 @@ def run(cfg, progress=True):
     def report(title):
         results["seconds"] = earlier_seconds + time.time() - started
         eval.write_report(out, results)
-        print(f"\n{title}:\n" + (out / "matrix.md").read_text())
+        if progress:
+            print(f"\n{title}:\n" + (out / "matrix.md").read_text())
 
     def evaluate_row(stage):
         latest = adapter_state_dict(model) if method.answer and stage else None
@@ -902,7 +904,7 @@ def run(cfg, progress=True):
             table, column = (results, i) if i < len(tasks) else (results["unseen"], i - len(tasks))
             path = out / "predictions" / f"stage{stage}" / f"{task}.jsonl"
             table["matrix"][stage][column], table["mif"][stage][column] = evaluate(model, processor, task,
-                                                                                   test[task], path, cfg)
+                                                                                   test[task], path, cfg, progress)
         report(f"after stage {stage} of {len(stages)}")
 
     def tune(saved, stage, name, records, start=lambda: None, config=cfg):
@@ -910,7 +912,7 @@ def run(cfg, progress=True):
         if cfg["resume"] and saved.exists():
             return load_adapter_state_dict(model, safetensors.torch.load_file(saved))
         penalty = start()
-        train_stage(model, processor, records(), config, stage, out, name, penalty)
+        train_stage(model, processor, records(), config, stage, out, name, penalty, progress)
         saved.parent.mkdir(exist_ok=True)
         eval.write_atomic(saved, safetensors.torch.save(adapter_state_dict(model)))
         (out / "checkpoint.pt").unlink(missing_ok=True)
@@ -934,7 +936,7 @@ def run(cfg, progress=True):
         tune(out / "adapters" / f"fewshot-{task}-{k}.safetensors", stage, f"{task}, {k} shots",   # one epoch on
              lambda: data.fewshot_records(train[task], k, cfg["seed"], task), config={**cfg, "epochs": 1})  # k a class
         path = out / "predictions" / f"fewshot-{k}" / f"{task}.jsonl"
-        score, mif = evaluate(model, processor, task, test[task], path, cfg)
+        score, mif = evaluate(model, processor, task, test[task], path, cfg, progress)
         results.setdefault("fewshot", {}).setdefault(task, {})[str(k)] = {"score": score, "mif": mif}
         report(f"{task} after {k}-shot tuning")
     return json.loads(previous.read_text())

@@ -25,6 +25,7 @@ CONFIG = LlavaConfig(
 ROWS = {"lora": "LoRA r=128 (q, k, v, o, gate, up, down); also multitask, dirlora, replay",
         "ewc": "EWC: LoRA + its Fisher F and anchor theta* (fp32)",
         "olora": "O-LoRA r=128 shared by 8 tasks (16 each), earlier ones frozen",
+        "dora": "DoRA r=128 (LoRA's targets) and its magnitude m",
         "moelora": "MoELoRA E=8 r=128",
         "smolora": "SMoLoRA E=8 r=128 (MLP + projector)"}
 
@@ -35,7 +36,7 @@ def count(method):
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(CONFIG)
         weights = sum(p.numel() for p in model.parameters()) * 2                           # bfloat16
-        smolora.add_adapters(model, smolora.METHODS[method][0], **smolora.adapter_hparams(cfg))
+        smolora.add_adapters(model, smolora.METHODS[method].adapter, **smolora.adapter_hparams(cfg))
     adapters = sum(t.numel() for t in smolora.adapter_state_dict(model).values()) * 4      # float32, frozen parts too
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     extra = 2 * trainable * 4 if method == "ewc" else 0                                     # F and theta*
