@@ -103,6 +103,13 @@ def compose_text(task, question):
     return f"{question}\n{task.instruction}"
 
 
+def canonical_instruction(task):
+    """The official code's fixed instruction string of a task (DESIGN.md 2.3): its fixed question, if any, then
+    its instruction, as TASKS has them."""
+    task = TASKS[task]
+    return compose_text(task, task.question) if task.question else task.instruction
+
+
 # ----------------------------------------------------------------------------------------------
 # The synthetic world: a few big shapes, objects, signs, book covers and background patterns in high contrast,
 # so that a 1M-parameter LLaVA sees them at 64x64 in 16-pixel patches: one patch per cell of the scene grid and
@@ -573,6 +580,15 @@ def caption_corpus(n, seed):
              "instruction": "", "answer": s.description} for i, s in enumerate(samples)]
 
 
+def caption_batches(batch_size, count, seed):
+    """`count` batches of fresh scenes, grouped by length and shuffled: captions run from 2 to 150 tokens, and
+    a batch pads to its longest, so grouping halves the cost of a step."""
+    records = sorted(caption_corpus(batch_size * count, seed), key=lambda r: len(r["text"] + r["answer"]))
+    batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
+    random.Random(seed).shuffle(batches)
+    return batches
+
+
 # ----------------------------------------------------------------------------------------------
 # The loader: CoIN-format JSON, synthetic or real (playground/Instructions/<Folder>/{train,test}.json with
 # image paths relative to an image folder, e.g. cl_dataset).
@@ -733,12 +749,26 @@ def load_image(record):
         raise ValueError(f"record {record['id']}: cannot decode image {record['image']} ({e})") from None
 
 
+def expand_to_square(image, processor):
+    """LLaVA-1.5's expand2square (image_aspect_ratio "pad"): the image centred on a square of the image processor's
+    mean colour, so its resize and centre crop keep all of the photo, and CoIN's boxes, normalised to that square,
+    point where they should (DESIGN.md 4). A square image (all the synthetic ones) comes back as it is."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new("RGB", (side, side), tuple(int(m * 255) for m in processor.image_processor.image_mean))
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
 class Collator:
-    """Records -> {input_ids (B, L), attention_mask (B, L), pixel_values (B, 3, H, W), ins_mask (B, L) and, when
-    train, labels (B, L)}. Train: prompt + " " + answer + EOS, right-padded, labels -100 except on the answer's
-    tokens and the EOS. Eval: the prompt alone, left-padded for generate. ins_mask is True on the instruction's
-    tokens, which SMoLoRA's instruction router averages over (DESIGN.md section 2.3). Sequences longer than
-    max_length are cut at the end in training (as LLaVA's model_max_length); a prompt that long is an error."""
+    """Records -> {input_ids (B, L), attention_mask (B, L), pixel_values (B, 3, H, W), ins_mask (B, L), when
+    train labels (B, L), and ins_embedding (B, d) when the records carry one}. Train: prompt + " " + answer + EOS,
+    right-padded, labels -100 except on the answer's tokens and the EOS. Eval: the prompt alone, left-padded for
+    generate. ins_mask is True on the instruction's tokens, which SMoLoRA's instruction router averages over
+    (DESIGN.md section 2.3). Sequences longer than max_length are cut at the end in training (as LLaVA's
+    model_max_length); a prompt that long is an error."""
 
     def __init__(self, processor, train, max_length=None):
         self.processor, self.train, self.max_length = processor, train, max_length
@@ -750,8 +780,8 @@ class Collator:
         if self.train:
             texts = [p + " " + r["answer"] + tokenizer.eos_token for p, r in zip(prompts, records)]
         batch = self.processor(
-            images=[load_image(r) for r in records], text=texts, padding=True, return_tensors="pt",
-            padding_side="right" if self.train else "left", return_offsets_mapping=True,
+            images=[expand_to_square(load_image(r), self.processor) for r in records], text=texts, padding=True,
+            return_tensors="pt", padding_side="right" if self.train else "left", return_offsets_mapping=True,
             return_text_replacement_offsets=True, truncation=self.train and self.max_length is not None,
             max_length=self.max_length if self.train else None)
         ids = batch["input_ids"]
@@ -775,4 +805,15 @@ class Collator:
                "ins_mask": ins_mask}
         if self.train:
             out["labels"] = labels
+        if "ins_embedding" in records[0]:   # f(X_ins) given per record (smolora.with_instruction_embeddings)
+            out["ins_embedding"] = torch.stack([r["ins_embedding"] for r in records])
         return out
+
+
+def fewshot_records(records, k, seed, task):
+    """k training records of each class (distinct answer) of a task, drawn with the run's seed (DESIGN.md 3)."""
+    classes = {}
+    for record in records:
+        classes.setdefault(str(record["answer"]), []).append(record)
+    rng = random.Random(f"{seed}/fewshot/{task}/{k}")
+    return [r for answer in sorted(classes) for r in rng.sample(classes[answer], min(k, len(classes[answer])))]

@@ -1,14 +1,10 @@
-"""Evaluation: per-task scoring, instruction following, continual metrics, generation and the report.
-
-Read top to bottom: answer normalisation and the scorers of DESIGN.md section 5, `score` / `task_score`,
-the instruction-following check behind MIF, the continual metrics of section 6, batched greedy generation,
-the report a person reads (results.json, matrix.md, matrix.png, with the dual-forgetting split), the
-comparison of methods (compare.md, compare.png), and which tasks SMoLoRA's routers send to the same experts
-(routing.md, routing.png). `python eval.py RUN_DIR` re-scores a run's saved predictions and rewrites its
-report, so a scorer fix never needs retraining.
-
-The official code's quirks (DESIGN.md section 5) are not copied: an empty prediction is wrong everywhere,
-no digit of a box is dropped, and matching is never case-sensitive.
+"""Evaluation, read top to bottom: the scorers of DESIGN.md section 5 (`score`, `task_score`), the instruction-
+following check behind MIF, knowledge whatever the format (section 5b: a rule judge, and CoIN's LLM judge), the
+continual metrics of section 6, batched greedy generation, a run's report (results.json, matrix.md, matrix.png, with
+the dual-forgetting split), the comparison of methods (compare.md, .png) and where SMoLoRA routes each task
+(routing.md, .png). `python eval.py RUN_DIR [--judge MODEL]` re-scores a run's saved predictions and rewrites its
+report, so a scorer fix never needs retraining. The official code's quirks (DESIGN.md section 5) are not copied: an
+empty prediction is wrong everywhere, no digit of a box is dropped, and matching is never case-sensitive.
 """
 import argparse
 import io
@@ -20,17 +16,17 @@ import string
 import sys
 import tempfile
 from collections import Counter
+from itertools import accumulate
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import data
 
 
-def _task(name):
-    if name not in data.TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(data.TASKS)}")
-    return data.TASKS[name]
+_task = data.get_task  # the task's row of data.TASKS, or a one-line error naming the known ones
 
 
 def _as_list(answer):
@@ -41,8 +37,7 @@ def _as_list(answer):
 # ----------------------------------------------------------------------------------------------
 # VQA answer normalisation, as the official VQA evaluation (vqaEval.py) does it.
 
-PUNCTUATION = (';', '/', '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-', '>', '<', '@', '`', ',',
-               '?', '!')
+PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'  # each character is a mark
 NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 ARTICLES = {"a", "an", "the"}
@@ -62,10 +57,8 @@ CONTRACTIONS |= {form[:i] + form[i + 1:]: form for form in CONTRACTED for i, c i
 
 
 def normalize_answer(s):
-    """The VQA answer normalisation: lower case, punctuation, articles, number words -> digits, contractions.
-
-    "Two." -> "2", "The dog" -> "dog", "dont" -> "don't", "1,000" -> "1000", "2.5" stays "2.5".
-    """
+    """The VQA answer normalisation: lower case, punctuation, articles, number words -> digits, contractions:
+    "Two." -> "2", "The dog" -> "dog", "dont" -> "don't", "1,000" -> "1000", "2.5" stays "2.5"."""
     text = s.replace("\n", " ").replace("\t", " ").strip()
     # a mark touching a space, or any text with a thousands comma, loses the mark; elsewhere it splits words
     original, glued = text, re.search(r"\d,\d", text) is not None
@@ -77,33 +70,35 @@ def normalize_answer(s):
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
 
 
+def _contains(text, phrase):
+    """Whether the normalised phrase occurs as whole words in the normalised text."""
+    phrase = normalize_answer(phrase)
+    return bool(phrase) and f" {phrase} " in f" {normalize_answer(text)} "
+
+
 def vqa_accuracy(prediction, answers):
     """VQA soft accuracy: min(#humans that gave the prediction / 3, 1), averaged over the 10-choose-9 subsets.
-
-    With k of the 10 humans agreeing: (k * min((k-1)/3, 1) + (10-k) * min(k/3, 1)) / 10, so 1 -> 0.3,
-    2 -> 0.6, 3 -> 0.9, 4 or more -> 1. One answer (a string or a one-element list) scores by normalised exact
-    match, as if all ten humans had given it.
-    """
-    answers = [normalize_answer(a) for a in _as_list(answers)]
+    With k of the 10 humans agreeing: (k * min((k-1)/3, 1) + (10-k) * min(k/3, 1)) / 10, so 1 -> 0.3, 2 -> 0.6,
+    3 -> 0.9, 4 or more -> 1. One answer (a string or a one-element list) scores by normalised exact match."""
     predicted = normalize_answer(prediction)
-    if not predicted or not answers:
-        return 0.0
-    if len(answers) == 1:
-        return float(predicted == answers[0])
-    matches = sum(a == predicted for a in answers)
+    return _human_agreement([bool(predicted) and normalize_answer(a) == predicted for a in _as_list(answers)])
+
+
+def _human_agreement(hits):
+    """VQA's soft accuracy from hits[k], whether human k's answer matches; one answer: 1 if it matches, else 0."""
+    if len(hits) <= 1:
+        return float(any(hits))
     # leave each human out in turn; min(matches among the others, 3) / 3, summed in integers so 1 -> 9/30 = 0.3
-    return sum(min(matches - (a == predicted), 3) for a in answers) / (3 * len(answers))
+    return sum(min(sum(hits) - hit, 3) for hit in hits) / (3 * len(hits))
 
 
 def parse_letter(prediction, n_options=None):
-    """The option letter (upper case) in a multiple-choice answer, or None.
-
-    Tried in order: the whole output is a letter ("B", "b", "B.", "(B)", "B)"); it starts with one ("B. blue",
-    "(b) blue"); "answer is B" (LLaVA's ScienceQA pattern, so "I think the answer is B" is B; "answer is b." too);
-    else the first one-character word that is a capital letter ("Option B"). Case does not matter where the letter
-    stands marked as an option (CoIN's scorer upper-cases); inside a sentence only a capital counts, so the
-    article in "the answer is a circle" is not option A. With n_options only the first n_options letters count.
-    """
+    """The option letter (upper case) in a multiple-choice answer, or None. Tried in order: the whole output is a
+    letter ("B", "b", "B.", "(B)", "B)"); it starts with one ("B. blue", "(b) blue"); "answer is B" (LLaVA's
+    ScienceQA pattern: "I think the answer is B" is B, "answer is b." too); else the first one-character word that
+    is a capital letter ("Option B"). Case does not matter where the letter stands marked as an option (CoIN's
+    scorer upper-cases); inside a sentence only a capital counts, so the article in "the answer is a circle" is
+    not option A. With n_options only the first n_options letters count."""
     letters = string.ascii_uppercase[:n_options] if n_options else string.ascii_uppercase
     text = prediction.strip()
     found = (re.fullmatch(r"\(?([A-Za-z])[.):]?", text) or re.match(r"\(?([A-Za-z])[.):]\s", text)
@@ -144,11 +139,8 @@ CIDER_SIGMA = 6.0
 
 
 def _caption_ngrams(sentence):
-    """n-gram counts, n = 1..4, and the length in words.
-
-    ours: lower case and words of letters, digits and inner apostrophes stand in for the COCO code's Java
-    PTB tokenizer (which also lower-cases and drops punctuation).
-    """
+    """n-gram counts, n = 1..4, and the length in words. ours: lower case and words of letters, digits and inner
+    apostrophes stand in for the COCO code's Java PTB tokenizer (which also lower-cases and drops punctuation)."""
     words = re.findall(r"\w+(?:'\w+)*", sentence.lower())
     grams = Counter(tuple(words[i:i + n]) for n in range(1, CIDER_N + 1) for i in range(len(words) - n + 1))
     return grams, len(words)
@@ -156,10 +148,8 @@ def _caption_ngrams(sentence):
 
 def _cider_d_per_image(predictions, references, use_idf=True):
     """CIDEr-D of each prediction against its references, before the COCO code's x10 (each value in [0, 1]).
-
-    idf(g) = log(#images) - log(max(1, #images whose references contain g)); with use_idf=False every
-    n-gram weighs 1 (a plain tf cosine), which a one-image corpus needs: there every idf is log 1 - log 1 = 0.
-    """
+    idf(g) = log(#images) - log(max(1, #images whose references contain g)); with use_idf=False every n-gram
+    weighs 1 (a plain tf cosine), which a one-image corpus needs: there every idf is log 1 - log 1 = 0."""
     cands = [_caption_ngrams(p) for p in predictions]
     refs = [[_caption_ngrams(r) for r in image_refs] for image_refs in references]
     doc_freq = Counter(g for image_refs in refs for g in set().union(*(grams for grams, _ in image_refs)))
@@ -201,25 +191,21 @@ def cider(predictions, references):
 # Scoring one sample, one task, and the instruction-following check.
 
 def score(task, prediction, answer):
-    """The score in [0, 1] of one prediction (DESIGN.md section 5).
-
-    answer: the option letter, a string or a list of (10) strings, or a box ([x1, y1, x2, y2] or its text).
-    Caption tasks: CIDEr-D of the pair with every n-gram weighing 1, without the x10 (an exact copy of a
-    single 4+ word reference scores 1). ours: a one-image corpus would give idf = 0 to every n-gram and so
-    always 0; the task-level number, task_score, is the real corpus CIDEr-D.
-    """
+    """The score in [0, 1] of one prediction (DESIGN.md section 5); answer: the option letter, a string or a list
+    of (10) strings, or a box ([x1, y1, x2, y2] or its text). Caption tasks: CIDEr-D of the pair with every n-gram
+    weighing 1, without the x10 (an exact copy of a single 4+ word reference scores 1). ours: a one-image corpus
+    would give idf = 0 to every n-gram, so always 0; the task-level number, task_score, is the corpus CIDEr-D."""
     scorer = _task(task).scorer
     if scorer == "letter":
         return float(parse_letter(prediction) == answer.strip())
     if scorer == "vqa":
         return vqa_accuracy(prediction, answer)
-    if scorer in ("exact", "contains"):
+    if scorer == "exact":
         predicted = normalize_answer(prediction)
-        truths = [normalize_answer(a) for a in _as_list(answer)]
-        if scorer == "exact":
-            return float(bool(predicted) and predicted in truths)
+        return float(bool(predicted) and predicted in [normalize_answer(a) for a in _as_list(answer)])
+    if scorer == "contains":
         # ours: contained as whole words ("cats" does not contain "cat"); CoIN takes any case-sensitive substring
-        return float(bool(predicted) and any(f" {t} " in f" {predicted} " for t in truths))
+        return float(any(_contains(prediction, a) for a in _as_list(answer)))
     if scorer == "iou":
         truth = parse_bbox(answer) if isinstance(answer, str) else answer
         if truth is None or len(truth) != 4:
@@ -233,8 +219,7 @@ def task_score(task, predictions, answers):
     """The task's score in percent: the mean of `score` x 100, or the corpus CIDEr-D x 100 for captions
     (so a caption task is on the papers' scale, e.g. 110.5, and may exceed 100)."""
     if not predictions or len(predictions) != len(answers):
-        raise ValueError(f"{task}: need as many answers as predictions (at least one), got "
-                         f"{len(predictions)} predictions and {len(answers)} answers")
+        raise ValueError(f"{task}: {len(predictions)} predictions and {len(answers)} answers; need as many, at least 1")
     if _task(task).scorer == "cider":
         return 100.0 * cider(predictions, [_as_list(a) for a in answers])
     return 100.0 * sum(score(task, p, a) for p, a in zip(predictions, answers)) / len(predictions)
@@ -242,12 +227,10 @@ def task_score(task, predictions, answers):
 
 def follows_instruction(task, prediction, answer=None):
     """Whether the output has the FORMAT the task's instruction asks for, whatever its content (SMoLoRA's MIF).
-
-    letter: exactly one letter, either case, as SMoLoRA's check (`strip().upper()` in the options): "B." does
-    not comply, the instruction asks for the letter "directly"; phrase: 1 or 2 words, or equal (normalised)
-    to the ground truth when `answer` is given; bbox: only "[x1, y1, x2, y2]" with 4 numbers in [0, 1];
-    caption: a sentence of more than 4 words ending with ".".
-    """
+    letter: exactly one letter, either case, as SMoLoRA's check (`strip().upper()` in the options): "B." does not
+    comply, the instruction asks for the letter "directly"; phrase: 1 or 2 words, or equal (normalised) to the
+    ground truth when `answer` is given; bbox: only "[x1, y1, x2, y2]" with 4 numbers in [0, 1]; caption: a
+    sentence of more than 4 words ending with "."."""
     kind = _task(task).answer_kind
     text = prediction.strip()
     if kind == "letter":
@@ -256,18 +239,110 @@ def follows_instruction(task, prediction, answer=None):
         is_truth = answer is not None and normalize_answer(text) in [normalize_answer(a) for a in _as_list(answer)]
         return 1 <= len(text.split()) <= 2 or (bool(text) and is_truth)
     if kind == "bbox":
-        box = BOX.fullmatch(text)
-        return box is not None and all(0.0 <= float(v) <= 1.0 for v in box.groups())
+        return (box := BOX.fullmatch(text)) is not None and all(0.0 <= float(v) <= 1.0 for v in box.groups())
     return len(text.split()) > 4 and text.endswith(".")
 
 
 def score_predictions(task, predictions):
     """(score, MIF) in percent of a list of saved predictions ({"question_id", "prompt", "text", "answer"})."""
-    if not predictions:
-        raise ValueError(f"{task}: no predictions to score")
     texts, answers = [p["text"] for p in predictions], [p["answer"] for p in predictions]
     follows = sum(follows_instruction(task, t, a) for t, a in zip(texts, answers))
     return task_score(task, texts, answers), 100.0 * follows / len(predictions)
+
+
+# ----------------------------------------------------------------------------------------------
+# General knowledge: is the content right, whatever its format? CoIN's second axis (DESIGN.md section 5b), judged
+# by rules (`knowledge`) or, as CoIN does, by an LLM (`judge_run`).
+
+STOP_WORDS = set("a an the is are was were be of to in on at by for with and or that this it its there says".split())
+ANY_BOX = re.compile(r"[\[(]" + ",".join([NUMBER] * 4) + r"[\])]")
+
+
+def knowledge(task, prediction, answer, prompt=""):
+    """Whether the prediction's CONTENT is right, whatever its format: a rule judge in [0, 1].
+    letter: it names the right option and no other, by letter (a capital standing alone, or either case as the whole
+    answer or marked at its start: "B", "it is B", "b", "(b) circle") or by the option's text (the prompt's
+    "A. circle" lines); a capital "A" before a lower-case word is the article.
+    phrase: the normalised ground truth occurs as whole words in the normalised prediction ("The sign says SUN."
+    knows "sun"); with several human answers, VQA soft accuracy with that match in place of equality.
+    bbox: the text holds a box ("[x1, y1, x2, y2]", or in parentheses) and every box in it has IoU > 0.5 with the
+    truth: a list of every object's box does not know which one was asked for.
+    caption: the share of a reference's content words (all but STOP_WORDS) in the prediction, the best reference's."""
+    kind = _task(task).answer_kind
+    if kind == "letter":
+        options = dict(re.findall(r"^\(?([A-Z])[.)] *(.+?) *$", prompt, re.M))
+        text = prediction.strip()
+        marked = re.fullmatch(r"\(?([A-Za-z])[.):]?", text) or re.match(r"\(?([A-Za-z])[.):]\s", text)
+        named = {m.group(1) for m in re.finditer(r"\b([A-Z])\b", text) if not re.match(r"A [a-z]", text[m.start():])}
+        named = (named | ({marked.group(1).upper()} if marked else set())) & set(options or string.ascii_uppercase)
+        return float(named | {k for k, text in options.items() if _contains(prediction, text)} == {answer.strip()})
+    if kind == "phrase":
+        return _human_agreement([_contains(prediction, a) for a in _as_list(answer)])
+    if kind == "bbox":
+        truth = parse_bbox(answer) if isinstance(answer, str) else answer
+        boxes = [[float(v) for v in m.groups()] for m in ANY_BOX.finditer(prediction)]
+        return float(bool(boxes) and all(iou(box, truth) > 0.5 for box in boxes))
+    said = set(re.findall(r"\w+", prediction.lower()))
+    wanted = [set(re.findall(r"\w+", r.lower())) - STOP_WORDS for r in _as_list(answer)]
+    return max((len(words & said) / len(words) for words in wanted if words), default=0.0)
+
+
+# CoIN's LLM judge, word for word (DESIGN.md section 5b); it sees no image. ours, not CoIN's quirks: greedy decoding
+# (CoIN samples: temperature 0.7, top_p 0.8); the question is the prompt less its instruction (data.find_instruction;
+# CoIN drops the last line, emptying grounding's question and keeping VizWiz's first instruction line); the system
+# message CoIN wrote (its run overwrote it with "You are a helpful assistant.").
+JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
+JUDGE_PROMPT = (
+    "[Context]\n[Question]\n{question}\n\n[Ground truth answer]\n{answer}\n\n[End of ground truth answer]\n\n"
+    "[Assistant]\n{prediction}\n\n[End of Assistant]\n\n[System]\n"
+    "We would like to request your feedback on the performance of an AI assistants in response to the user question "
+    "displayed above.\nPlease rate the accuracy of its responses according to the ground truth answer displayed "
+    "above. The assistant receives an overall score on a scale of 0 to 10, where a higher score indicates better "
+    "overall performance.\nPlease output a single line containing only a values indicating the scores for the "
+    "Assistant.")
+
+
+def parse_judge_score(reply):
+    """The judge's score: the first number in [0, 10] in its reply, else 0 (unparseable counts 0, as in CoIN).
+    ours: CoIN reads float(reply), else the part before "/", else the first DIGIT 1-9 anywhere: "Score: 10" reads
+    1, "-3" reads -3, "15, no, 6" reads 1. Here "Score: 10" is 10, and numbers outside [0, 10] are skipped."""
+    return next((float(n) for n in re.findall(r"-?\d+(?:\.\d+)?", reply) if 0 <= float(n) <= 10), 0.0)
+
+
+def judge_messages(task, prediction):
+    """CoIN's judge chat for one saved prediction {"prompt", "text", "answer"}."""
+    prompt, answer = prediction.get("prompt", ""), prediction["answer"]
+    start, end = data.find_instruction(_task(task), prompt)
+    if not isinstance(answer, str):  # a box, or 10 human answers: the one most of them gave
+        answer = data.format_box(answer) if _task(task).answer_kind == "bbox" else Counter(answer).most_common(1)[0][0]
+    user = JUDGE_PROMPT.format(question=(prompt[:start] + prompt[end:]).strip(), answer=answer,
+                               prediction=prediction["text"])
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+def load_judge(name, device="cpu", dtype="float32"):
+    """A causal LM (a folder or hub id) and its tokenizer, padding on the left, for judge_replies."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")  # the replies start at the same column
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype)).to(device)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--judge {name!r}: cannot load a causal LM and its tokenizer ({str(e).splitlines()[0]})"
+                         ) from None
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def judge_replies(model, tokenizer, chats, batch_size=16, desc="judging"):
+    """The judge's greedy replies (at most 20 new tokens, as CoIN's) to chats, in order, batched."""
+    replies = []
+    for start in tqdm(range(0, len(chats), batch_size), desc=desc, unit="batch"):
+        texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+                 for c in chats[start:start + batch_size]]
+        batch = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False).to(model.device)
+        output = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                do_sample=False, max_new_tokens=20, pad_token_id=tokenizer.pad_token_id)
+        replies += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return replies
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,8 +352,7 @@ def _check_matrix(matrix, name):
     """A non-empty list of rows of equal length whose cells are finite numbers or None (not evaluated)."""
     if not isinstance(matrix, (list, tuple)) or not matrix or not all(isinstance(r, (list, tuple)) for r in matrix):
         raise ValueError(f"{name} must be a non-empty list of rows, got {matrix!r}")
-    width = len(matrix[0])
-    if width == 0 or any(len(row) != width for row in matrix):
+    if not matrix[0] or any(len(row) != len(matrix[0]) for row in matrix):
         raise ValueError(f"{name} is ragged or empty: row lengths {[len(r) for r in matrix]}")
     for t, row in enumerate(matrix):
         for i, cell in enumerate(row):
@@ -288,10 +362,8 @@ def _check_matrix(matrix, name):
 
 def continual_metrics(matrix, zero_shot=None):
     """AP, MFT, MAP, BWT, forgetting and FWT of an accuracy matrix (DESIGN.md section 6), in its units.
-
-    matrix[t][i] = score on task i after training stage t+1 (T rows, T columns, tasks in training order).
-    Cells above the diagonal (tasks not trained yet) may be None; every cell on or below it is needed.
-    zero_shot: the base model's score per task (row 0 of a run's matrix), needed only for FWT.
+    matrix[t][i] = score on task i after training stage t+1 (T rows, T columns, tasks in training order); cells
+    above the diagonal (tasks not trained yet) may be None. zero_shot: the base model's score per task, for FWT.
 
         AP         = (1/T) sum_i A[T][i]
         MFT        = (1/T) sum_i A[i][i]
@@ -301,28 +373,22 @@ def continual_metrics(matrix, zero_shot=None):
                      ours: the best score since task i was learned; DESIGN 6's max over all t < T would also
                      count a score the model had before learning i, which it cannot forget (the usual choice)
         FWT        = (1/(T-1)) sum_{i>1} (A[i-1][i] - A[0][i])   None without zero_shot or a cell above the diagonal
-
-    With T = 1 there is no earlier task and no later one: BWT, forgetting and FWT are None.
-    """
+    With T = 1 there is no earlier task and no later one: BWT, forgetting and FWT are None."""
     _check_matrix(matrix, "matrix")
     T = len(matrix)
     if len(matrix[0]) != T:
         raise ValueError(f"matrix is {T}x{len(matrix[0])}; it must be square: one row per stage, one column per task")
-    for t in range(T):
-        for i in range(t + 1):
-            if matrix[t][i] is None:
-                raise ValueError(f"matrix[{t}][{i}] is None; every task up to the stage just trained is needed")
+    missing = next(((t, i) for t in range(T) for i in range(t + 1) if matrix[t][i] is None), None)
+    if missing:
+        raise ValueError(f"matrix[{missing[0]}][{missing[1]}] is None: every task up to the stage trained is needed")
     if zero_shot is not None:
         _check_matrix([zero_shot], "zero_shot")
         if len(zero_shot) != T:
             raise ValueError(f"zero_shot has {len(zero_shot)} scores, the matrix {T} tasks")
     A, last = matrix, matrix[-1]
-    metrics = {
-        "AP": sum(last) / T,
-        "MFT": sum(A[i][i] for i in range(T)) / T,
-        "MAP": sum(sum(A[t][:t + 1]) / (t + 1) for t in range(T)) / T,
-        "BWT": None, "forgetting": None, "FWT": None,
-    }
+    metrics = {"AP": sum(last) / T, "MFT": sum(A[i][i] for i in range(T)) / T,
+               "MAP": sum(sum(A[t][:t + 1]) / (t + 1) for t in range(T)) / T,
+               "BWT": None, "forgetting": None, "FWT": None}
     if T > 1:
         metrics["BWT"] = sum(last[i] - A[i][i] for i in range(T - 1)) / (T - 1)
         metrics["forgetting"] = sum(max(A[t][i] for t in range(i, T - 1)) - last[i] for i in range(T - 1)) / (T - 1)
@@ -335,35 +401,30 @@ def continual_metrics(matrix, zero_shot=None):
 # ----------------------------------------------------------------------------------------------
 # Generation: batched greedy decoding with the KV cache.
 
-# Generous for the tiny tokenizer, which spells read words by pieces (a phrase ~12 tokens, a box ~25 with a
-# Llama tokenizer); generation stops at EOS, so the limit only costs when a model babbles, which is what a
-# forgetting model does and what MIF must see.
+# Generous for the tiny tokenizer, which spells words by pieces (a phrase ~12 tokens, a box ~25 with Llama's); the
+# limit only costs when a model babbles instead of stopping at EOS: what a forgetting model does, and MIF must see.
 MAX_NEW_TOKENS = {"letter": 8, "phrase": 20, "bbox": 32, "caption": 48}
 
 
-def generate_predictions(model, processor, records, task, batch_size=16, before_generate=None, desc=None):
-    """Greedy answers of `model` to `records` (data.load_records), in order, as prediction dicts
-    {"question_id", "prompt", "text", "answer"}; text is the decoded answer, stripped.
-
-    before_generate(batch), if given, sees each collated batch (on the model's device, with its "ins_mask")
-    before generate; smolora.py sets SMoLoRA's routing there. ins_mask goes only to the hook.
-    """
-    max_new_tokens = MAX_NEW_TOKENS[_task(task).answer_kind]
+def generate_predictions(model, processor, records, task, batch_size=16, before_generate=None, desc=None,
+                         progress=True):
+    """Greedy answers of `model` to `records` (data.load_records), in order, as prediction dicts {"question_id",
+    "prompt", "text", "answer"}, text stripped. before_generate(batch), if given, sees each collated batch (on the
+    model's device, with its "ins_mask", which goes only to it) first: smolora.py sets SMoLoRA's routing there."""
+    max_new_tokens, was_training = MAX_NEW_TOKENS[_task(task).answer_kind], model.training
     collate, tokenizer = data.Collator(processor, train=False), processor.tokenizer
-    was_training = model.training
     model.eval()  # no adapter dropout while answering
     predictions = []
     try:
-        for start in tqdm(range(0, len(records), batch_size), desc=desc or task, unit="batch"):
+        for start in tqdm(range(0, len(records), batch_size), desc=desc or task, unit="batch", disable=not progress):
             chunk = records[start:start + batch_size]
             batch = {k: v.to(model.device) for k, v in collate(chunk).items()}
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
             if before_generate is not None:
                 before_generate(batch)
-            output = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    pixel_values=batch["pixel_values"], do_sample=False,
-                                    max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=tokenizer.eos_token_id)
+            output = model.generate(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")},
+                                    do_sample=False, max_new_tokens=max_new_tokens,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             # left padding: every prompt ends at the same column, the answers start after it
             texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
             predictions += [{"question_id": r["id"], "prompt": r["text"], "text": t.strip(), "answer": r["answer"]}
@@ -404,30 +465,29 @@ def load_predictions(path):
 # ----------------------------------------------------------------------------------------------
 # The report: results.json, matrix.md, matrix.png.
 
-METRICS = ("AP", "MFT", "MAP", "BWT", "forgetting", "FWT", "MIF")
+METRICS = ("AP", "MFT", "MAP", "BWT", "forgetting", "FWT", "MIF", "GK")
 
 
-def run_metrics(matrix, mif, stages=None):
-    """The metrics of a run's matrices (row 0 zero-shot, row t after stage t), all None until the run is
-    complete: every task evaluated after each stage up to it, and MIF after the last stage.
-
-    stages: how many training stages the run has (None: one per task, the continual setting). A run of 0 stages
-    (zero-shot) or 1 over all tasks (multitask) has nothing to forget: only AP and MIF of its last row.
-    """
+def run_metrics(matrix, mif, stages=None, knowledge=None):
+    """The metrics of a run's matrices (row 0 zero-shot, row t after stage t), all None until the run is complete:
+    every task evaluated after each stage up to it, and MIF and GK (CoIN's general knowledge: the mean final
+    knowledge) after the last stage. stages: how many training stages the run has (None: one per task, the
+    continual setting); a run of 0 (zero-shot) or 1 over all tasks (multitask) has only AP, MIF and GK."""
     T = len(matrix[0])
+    last = T if stages is None else stages
+
+    def final(table):
+        return sum(table[last]) / T if table and len(table) > last and None not in table[last] else None
+    metrics = dict.fromkeys(METRICS)
     if stages is not None and stages != T:
-        metrics = dict.fromkeys(METRICS)
-        if len(matrix) > stages and None not in matrix[stages] and None not in mif[stages]:
-            metrics["AP"], metrics["MIF"] = sum(matrix[stages]) / T, sum(mif[stages]) / T
+        if final(matrix) is not None and final(mif) is not None:
+            metrics |= {"AP": final(matrix), "MIF": final(mif), "GK": final(knowledge)}
         return metrics
     rows = matrix[1:]
     if len(rows) < T or any(rows[t][i] is None for t in range(T) for i in range(t + 1)):
-        return dict.fromkeys(METRICS)
+        return metrics
     zero_shot = matrix[0] if None not in matrix[0] else None
-    metrics = continual_metrics(rows, zero_shot)
-    last_mif = mif[T] if len(mif) > T else [None]
-    metrics["MIF"] = sum(last_mif) / T if None not in last_mif else None
-    return metrics
+    return metrics | continual_metrics(rows, zero_shot) | {"MIF": final(mif), "GK": final(knowledge)}
 
 
 def _stages(results):
@@ -443,56 +503,63 @@ def _cell(value):
     return "–" if value is None else f"{value:.2f}"
 
 
+def _table(corner, columns, rows):
+    """Markdown lines: `corner` above the row names, then `columns` (right-aligned); rows are (name, cells), each
+    cell text, or a number or None that _cell writes."""
+    lines = [" | ".join([f"| {corner}".rstrip(), *columns]) + " |", "|---|" + "---:|" * len(columns)]
+    for name, cells in rows:
+        lines.append(" | ".join([f"| {name}", *(c if isinstance(c, str) else _cell(c) for c in cells)]) + " |")
+    return lines + [""]
+
+
 def _markdown(results):
-    tasks = results["tasks"]
+    tasks, unseen = results["tasks"], results.get("unseen")
     lines = [f"# {results['method']}: {' -> '.join(tasks)}", ""]
-    if results.get("notes"):
-        lines += [results["notes"], ""]
+    lines += [results["notes"], ""] if results.get("notes") else []
     tables = [("Score (%; CIDEr x100 for captions)", tasks, results["matrix"]),
-              ("Instruction following (MIF, % of answers in the asked format)", tasks, results["mif"])]
-    if results.get("unseen"):
-        unseen = results["unseen"]
+              ("Instruction following (MIF, % of answers in the asked format)", tasks, results["mif"]),
+              (f"Knowledge (%, whatever the format; {_judge_name(results)})", tasks, results["knowledge"])]
+    if unseen:
         tables += [("Unseen tasks, never trained (zero-shot transfer; not in AP): score", unseen["tasks"],
                     unseen["matrix"]), ("Unseen tasks: instruction following", unseen["tasks"], unseen["mif"])]
     for title, columns, matrix in tables:
-        lines += [f"## {title}", "", "| | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-        for name, row in zip(_row_names(results), matrix):
-            lines.append(f"| {name} | " + " | ".join(_cell(v) for v in row) + " |")
-        lines.append("")
-    metrics = results["metrics"]
+        lines += [f"## {title}", ""] + _table("", columns, zip(_row_names(results), matrix))
+    if results.get("fewshot"):
+        lines += ["## Few-shot: each tuned 1 epoch on k examples per class, from the final adapters (not in AP)", ""]
+        rows = [(task, (k, v["score"], v["mif"])) for task, shots in results["fewshot"].items()
+                for k, v in shots.items()]
+        lines += _table("task", ("k", "score", "MIF"), rows)
     lines += ["## Metrics", "", "| " + " | ".join(METRICS) + " |", "|" + "---:|" * len(METRICS),
-              "| " + " | ".join(_cell(metrics[k]) for k in METRICS) + " |", "",
+              "| " + " | ".join(_cell(results["metrics"][k]) for k in METRICS) + " |", "",
               "– : not evaluated, or the run is incomplete (metrics need every stage). "
               "BWT and forgetting divide by T-1 (CoIN's tables by T).", ""]
     if results.get("dual_forgetting"):
-        lines += ["## Dual forgetting: each earlier task's drop from right after learning it to the end", "",
-                  "| task | drop | format broke | format held, answer wrong |", "|---|---:|---:|---:|"]
-        lines += [f"| {task} | {_cell(d['drop'])} | {_cell(d['format_broke'])} | {_cell(d['format_held'])} |"
-                  for task, d in results["dual_forgetting"].items()]
-        lines += ["", "Points of score lost on the samples whose final answer fails the task's format "
-                  "(instruction-following forgetting) and on those that keep it (the skill forgotten); "
-                  "negative: gained. Caption tasks split the per-sample CIDEr-D, not the corpus one.", ""]
+        lines += ["## Dual forgetting: each earlier task's drop from right after learning it to the end", ""]
+        rows = [(task, [d[k] for k in ("drop", *SPLIT)]) for task, d in results["dual_forgetting"].items()]
+        lines += _table("task", ("drop", "format broke, knowledge kept", "format broke, knowledge lost",
+                                 "format held, answer wrong"), rows)
+        lines += ["Points lost on the final answers that fail the task's format, weighted by their knowledge "
+                  "(kept: the instruction alignment was lost, CoIN's finding) and by the rest (lost), and on those "
+                  f"that keep it (the skill forgotten); knowledge by the {_judge_name(results)}; negative: gained. "
+                  "Caption tasks split the per-sample CIDEr-D, not the corpus one.", ""]
     if results.get("seconds") is not None:
         lines.append(f"Run time: {results['seconds']:.0f} s")
     return "\n".join(lines) + "\n"
 
 
-# viridis at 0, 1/4, 1/2, 3/4, 1: dark for low scores, yellow for high, readable in grey too
-COLOUR_STOPS = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
-
-
 def _colour(value):
-    """The heatmap colour of a percent value (clipped to 0..100)."""
-    x = min(max(value / 100.0, 0.0), 1.0) * (len(COLOUR_STOPS) - 1)
-    i = min(int(x), len(COLOUR_STOPS) - 2)
-    return tuple(round(a + (b - a) * (x - i)) for a, b in zip(COLOUR_STOPS[i], COLOUR_STOPS[i + 1]))
+    """The heatmap colour of a percent value (clipped to 0..100): viridis, dark for low, yellow for high."""
+    stops = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))  # 0, 1/4, ..., 1; fine in grey
+    x = min(max(value / 100.0, 0.0), 1.0) * (len(stops) - 1)
+    i = min(int(x), len(stops) - 2)
+    return tuple(round(a + (b - a) * (x - i)) for a, b in zip(stops[i], stops[i + 1]))
 
 
-def _heatmap_png(results):
-    """Both matrices as heatmaps, one above the other, with a shared colour scale on the right."""
-    panels = [(f"{results['method']}: score", results["matrix"]),
-              (f"{results['method']}: instruction following (MIF)", results["mif"])]
-    return _heatmaps_png(panels, results["tasks"], _row_names(results))
+def _canvas(width, height, font):
+    """A white image, its ImageDraw, and text(xy, words, anchor=None, fill="black") that writes in `font`."""
+    image = Image.new("RGB", (int(width), int(height)), "white")
+    draw = ImageDraw.Draw(image)
+    return image, draw, lambda xy, words, anchor=None, fill="black": draw.text(xy, words, fill, font, anchor)
 
 
 def _heatmaps_png(panels, columns, row_names):
@@ -501,221 +568,237 @@ def _heatmaps_png(panels, columns, row_names):
     font = ImageFont.load_default(size=14)
     label_w = max(font.getlength(n) for n in row_names) + 16
     cell_w, cell_h, pad = max(72, max(font.getlength(c) for c in columns) + 14), 30, 12
-    grid_w = cell_w * len(columns)
-    content_w = max(label_w + grid_w, *(font.getlength(title) for title, _ in panels))
+    content_w = max(label_w + cell_w * len(columns), *(font.getlength(title) for title, _ in panels))
     panel_h = 2 * cell_h + cell_h * len(row_names)  # title, column names, the rows
-    width, height = int(pad + content_w + 110), int(pad + len(panels) * (panel_h + pad))
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
+    image, draw, text = _canvas(pad + content_w + 110, pad + len(panels) * (panel_h + pad), font)
     for p, (title, matrix) in enumerate(panels):
-        top = pad + p * (panel_h + pad)
-        left = pad + label_w
-        draw.text((pad, top + 6), title, fill="black", font=font)
+        top, left = pad + p * (panel_h + pad), pad + label_w
+        text((pad, top + 6), title)
         for i, column in enumerate(columns):
-            draw.text((left + i * cell_w + cell_w / 2, top + 1.5 * cell_h), column, fill="black", font=font,
-                      anchor="mm")
+            text((left + i * cell_w + cell_w / 2, top + 1.5 * cell_h), column, "mm")
         for t, name in enumerate(row_names):
             y = top + (2 + t) * cell_h
-            draw.text((left - 8, y + cell_h / 2), name, fill="black", font=font, anchor="rm")
-            row = matrix[t] if t < len(matrix) else [None] * len(columns)
-            for i, value in enumerate(row):
+            text((left - 8, y + cell_h / 2), name, "rm")
+            for i, value in enumerate(matrix[t] if t < len(matrix) else [None] * len(columns)):
                 box = (left + i * cell_w, y, left + (i + 1) * cell_w - 1, y + cell_h - 1)
                 fill = (225, 225, 225) if value is None else _colour(value)
                 draw.rectangle(box, fill=fill)
-                ink = "black" if sum(fill) / 3 > 110 else "white"
-                draw.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "-" if value is None else f"{value:.1f}",
-                          fill=ink, font=font, anchor="mm")
-    bar_left, bar_top, bar_h = pad + content_w + 24, pad + 2 * cell_h, height - 2 * pad - 2 * cell_h
-    draw.text((bar_left, pad + 6), "%", fill="black", font=font)
+                text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "-" if value is None else f"{value:.1f}", "mm",
+                     "black" if sum(fill) / 3 > 110 else "white")
+    bar_left, bar_top, bar_h = pad + content_w + 24, pad + 2 * cell_h, image.height - 2 * pad - 2 * cell_h
+    text((bar_left, pad + 6), "%")
     for y in range(bar_h):
         draw.line((bar_left, bar_top + y, bar_left + 18, bar_top + y), fill=_colour(100.0 * (1 - y / (bar_h - 1))))
     for tick in (0, 25, 50, 75, 100):
         y = bar_top + (1 - tick / 100) * (bar_h - 1)
         draw.line((bar_left + 18, y, bar_left + 23, y), fill="black")
-        draw.text((bar_left + 27, y), f"{tick}" + ("+" if tick == 100 else ""), fill="black", font=font, anchor="lm")
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+        text((bar_left + 27, y), f"{tick}" + ("+" if tick == 100 else ""), "lm")
+    image.save(buffer := io.BytesIO(), format="PNG")
     return buffer.getvalue()
 
 
-def dual_forgetting(task, before, after):
-    """The drop of a task's score from `before` (its predictions right after it was learned) to `after` (after the
-    last stage), split by the final answer's format: CoIN's dual forgetting (DESIGN.md section 1), in points.
+SPLIT = ("format_broke_knowledge_kept", "format_broke_knowledge_lost", "format_held")
 
-        drop         = (100/n) sum_s (score_before(s) - score_after(s))
-        format_broke = the same sum over the samples whose final answer fails follows_instruction
-        format_held  = over those whose final answer keeps the format: the content is what was forgotten
-    so drop = format_broke + format_held, and for all but caption tasks drop = A[i][i] - A[T][i]. Samples are
-    paired by question_id; `score` per sample (for captions the pair CIDEr-D, not the corpus one).
-    """
+
+def dual_forgetting(task, before, after, known=None):
+    """The drop of a task's score from `before` (its predictions right after it was learned) to `after` (after the
+    last stage), split by the final answer's format and knowledge: dual forgetting (DESIGN.md 1 and 5b), in points.
+    With d(s) = score_before(s) - score_after(s) and k(s) the final answer's knowledge:
+
+        drop                        = (100/n) sum_s d(s)
+        format_broke_knowledge_kept = (100/n) sum_s k(s) d(s) over the samples whose final answer fails
+                                      follows_instruction: the content is still there, the alignment was lost
+        format_broke_knowledge_lost = (100/n) sum_s (1 - k(s)) d(s) over the same samples
+        format_held                 = (100/n) sum_s d(s) over those that keep the format: the skill forgotten
+    so the three add up to the drop, and for all but caption tasks drop = A[i][i] - A[T][i]. known: k(s) of each
+    sample of after, in order (default: the rule judge). Samples are paired by question_id; `score` per sample."""
     earlier = {str(p["question_id"]): p["text"] for p in before}
     if sorted(earlier) != sorted(str(p["question_id"]) for p in after) or not after:
         raise ValueError(f"{task}: the two stages' predictions are not of the same (non-empty) set of questions")
-    broke = held = 0.0
-    for p in after:
-        change = score(task, earlier[str(p["question_id"])], p["answer"]) - score(task, p["text"], p["answer"])
+    split = dict.fromkeys(SPLIT, 0.0)
+    for p, k in zip(after, _known(task, after) if known is None else known):
+        change = 100.0 / len(after) * (score(task, earlier[str(p["question_id"])], p["answer"])
+                                       - score(task, p["text"], p["answer"]))
         if follows_instruction(task, p["text"], p["answer"]):
-            held += change
+            split["format_held"] += change
         else:
-            broke += change
-    n = len(after)
-    return {"drop": 100.0 * (broke + held) / n, "format_broke": 100.0 * broke / n, "format_held": 100.0 * held / n}
+            split["format_broke_knowledge_kept"] += k * change
+            split["format_broke_knowledge_lost"] += (1 - k) * change
+    return {"drop": sum(split.values()), **split}
+
+
+def _predictions_path(run_dir, stage, task):
+    return os.path.join(run_dir, "predictions", f"stage{stage}", f"{task}.jsonl")
 
 
 def _dual_forgetting(run_dir, results):
     """dual_forgetting of each earlier task of a finished continual run, from its saved predictions; else {}."""
-    tasks, T = results["tasks"], len(results["tasks"])
-    if _stages(results) != tasks or len(results["matrix"]) <= T or None in results["matrix"][T]:
-        return {}
-    found = {}
-    for i, task in enumerate(tasks[:-1]):
-        before, after = (os.path.join(run_dir, "predictions", f"stage{t}", f"{task}.jsonl") for t in (i + 1, T))
+    tasks, T, found = results["tasks"], len(results["tasks"]), {}
+    finished = _stages(results) == tasks and len(results["matrix"]) > T and None not in results["matrix"][T]
+    for i, task in enumerate(tasks[:-1] if finished else []):
+        before, after = _predictions_path(run_dir, i + 1, task), _predictions_path(run_dir, T, task)
         if os.path.isfile(before) and os.path.isfile(after):
-            found[task] = dual_forgetting(task, load_predictions(before), load_predictions(after))
+            final = load_predictions(after)
+            found[task] = dual_forgetting(task, load_predictions(before), final,
+                                          _known(task, final, after, results.get("knowledge_judge")))
     return found
 
 
-def write_report(run_dir, results):
-    """Write results.json (DESIGN.md section 8), matrix.md and matrix.png into run_dir, each atomically;
-    return the results as written.
+def _judged(path, judge):
+    """{(question_id, prediction): reply} of the LLM `judge`, cached beside the predictions at path."""
+    cache = path[:-len(".jsonl")] + ".judge.jsonl"
+    cached = load_predictions(cache) if os.path.isfile(cache) else []
+    return {(str(c["question_id"]), c["text"]): c["reply"] for c in cached if c.get("judge") == judge}
 
-    results: {"method", "tasks", "config", "matrix", "mif", "seconds"} and optionally "stages" (what each stage
-    tuned on, default the tasks), "notes" (a line on the method) and "unseen" ({"tasks", "matrix", "mif"} of
-    tasks never trained). matrix and mif have row 0 zero-shot and row t after stage t, one column per task;
-    rows not run yet may be left out and cells not evaluated be None. "metrics" is (re)computed here by
-    run_metrics, and "dual_forgetting" from the predictions saved in run_dir/predictions.
-    """
-    rows = len(_stages(results)) + 1
-    tables = [("", results["tasks"], results)] + ([("unseen ", results["unseen"]["tasks"], results["unseen"])]
-                                                  if results.get("unseen") else [])
-    for prefix, tasks, table in tables:
+
+def _known(task, predictions, path=None, judge=None):
+    """Each prediction's knowledge in [0, 1]: the rule judge's, or the LLM judge's cached score / 10."""
+    if judge is None:
+        return [knowledge(task, p["text"], p["answer"], p.get("prompt", "")) for p in predictions]
+    replies = _judged(path, judge)
+    if any((str(p["question_id"]), p["text"]) not in replies for p in predictions):
+        raise ValueError(f"{path}: some predictions are not judged by {judge}; run: eval.py RUN_DIR --judge {judge}")
+    return [parse_judge_score(replies[str(p["question_id"]), p["text"]]) / 10 for p in predictions]
+
+
+def _judge_name(results):
+    return f"LLM judge {results['knowledge_judge']}, score x 10" if results.get("knowledge_judge") else "rule judge"
+
+
+def judge_run(run_dir, results, judge, device="cpu", dtype="float32"):
+    """Have the causal LM `judge` rate each saved prediction of the run's tasks that it has not rated yet, and cache
+    its replies beside them, a file at a time, in predictions/stage<t>/<task>.judge.jsonl ({"question_id", "text",
+    "answer", "judge", "reply"}): a rerun costs nothing, and only a changed prediction is judged again."""
+    judge_lm = None  # (model, tokenizer), loaded for the first prediction not rated yet
+    for t, task, path in _evaluated(run_dir, results):
+        predictions, replies = load_predictions(path), _judged(path, judge)
+        pending = [p for p in predictions if (str(p["question_id"]), p["text"]) not in replies]
+        if pending:
+            judge_lm = judge_lm or load_judge(judge, device, dtype)
+            chats = [judge_messages(task, p) for p in pending]
+            for p, reply in zip(pending, judge_replies(*judge_lm, chats, desc=f"judging stage{t} {task}")):
+                replies[str(p["question_id"]), p["text"]] = reply
+            save_predictions(path[:-len(".jsonl")] + ".judge.jsonl", [
+                {**{k: p[k] for k in ("question_id", "text", "answer")}, "judge": judge,
+                 "reply": replies[str(p["question_id"]), p["text"]]} for p in predictions])
+
+
+def _evaluated(run_dir, results):
+    """(stage, task, path) of each evaluated cell of the run's matrix whose predictions are saved."""
+    return [(t, task, path) for t, row in enumerate(results["matrix"]) for task, cell in zip(results["tasks"], row)
+            if cell is not None and os.path.isfile(path := _predictions_path(run_dir, t, task))]
+
+
+def write_report(run_dir, results):
+    """Write results.json (DESIGN.md section 8), matrix.md and matrix.png (score, MIF and knowledge as heatmaps)
+    into run_dir, each atomically; return the results as written. results: {"method", "tasks", "config", "matrix",
+    "mif", "seconds"}, optionally "stages" (default: the tasks), "notes", "unseen" ({"tasks", "matrix", "mif"} of
+    untrained tasks), "knowledge_judge" (judge_run's LLM; default: the rule judge). Rows: 0 zero-shot, t after stage
+    t (rows not run yet left out, cells not evaluated None); "knowledge", "metrics", "dual_forgetting" computed here."""
+    stages = len(_stages(results))
+    for prefix, table in [("", results)] + ([("unseen ", results["unseen"])] if results.get("unseen") else []):
         for name in ("matrix", "mif"):
             _check_matrix(table[name], prefix + name)
-            if len(table[name][0]) != len(tasks) or len(table[name]) > rows:
+            if len(table[name][0]) != len(table["tasks"]) or len(table[name]) > stages + 1:
                 raise ValueError(f"{prefix}{name} is {len(table[name])}x{len(table[name][0])}; expected at most "
-                                 f"{rows} rows (zero-shot + one per stage) of {len(tasks)} tasks")
-    results = {**results, "metrics": run_metrics(results["matrix"], results["mif"], rows - 1),
+                                 f"{stages + 1} rows (zero-shot + one per stage) of {len(table['tasks'])} tasks")
+    known = [[None] * len(row) for row in results["matrix"]]  # knowledge in percent, shaped as the matrix
+    for t, task, path in _evaluated(run_dir, results):
+        cell = _known(task, load_predictions(path), path, results.get("knowledge_judge"))
+        known[t][results["tasks"].index(task)] = 100.0 * sum(cell) / len(cell) if cell else None
+    results = {**results, "knowledge": known, "metrics": run_metrics(results["matrix"], results["mif"], stages, known),
                "dual_forgetting": _dual_forgetting(run_dir, results)}
     write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2) + "\n")
     write_atomic(os.path.join(run_dir, "matrix.md"), _markdown(results))
-    write_atomic(os.path.join(run_dir, "matrix.png"), _heatmap_png(results))
+    panels = [(f"{results['method']}: score", results["matrix"]), (f"{results['method']}: instruction following "
+              f"(MIF)", results["mif"]), (f"{results['method']}: knowledge ({_judge_name(results)})", known)]
+    write_atomic(os.path.join(run_dir, "matrix.png"), _heatmaps_png(panels, results["tasks"], _row_names(results)))
     return results
 
 
-def rescore_run(run_dir):
+def _rescored(run_dir, old, tasks):
+    """{"matrix", "mif"} of tasks from run_dir's saved predictions (None where a stage has none); old: results.json."""
+    config, rows = old.get("config") or {}, len(_stages(old)) + 1
+    cells = [[(None, None)] * len(tasks) for _ in range(rows)]  # (score, MIF) per stage and task
+    for i, task in enumerate(tasks):
+        _task(task)
+        test_ids, root = None, config.get("data")
+        if root and os.path.isdir(root):  # the run's share of the test records
+            test_ids = Counter(str(r["id"]) for r in data.load_records(root, task, "test")[:config.get("max_test")])
+        for t in range(rows):
+            path = _predictions_path(run_dir, t, task)
+            if os.path.isfile(path):
+                predictions = load_predictions(path)
+                if not predictions:
+                    raise ValueError(f"{path} is empty")
+                if test_ids is not None and Counter(str(p["question_id"]) for p in predictions) != test_ids:
+                    raise ValueError(f"{path}: question ids do not match the {len(test_ids)} test records of {task} "
+                                     f"in {root}")
+                cells[t][i] = score_predictions(task, predictions)
+    return {name: [[cell[k] for cell in row] for row in cells] for k, name in enumerate(("matrix", "mif"))}
+
+
+def rescore_run(run_dir, judge=None, device="cpu", dtype="float32"):
     """Rebuild matrix and mif (and the unseen tasks') from run_dir/predictions/stage<t>/<task>.jsonl (stage0 =
-    zero-shot), keep the rest of run_dir/results.json, and rewrite the report. Returns the results."""
+    zero-shot), keep the rest of run_dir/results.json, and rewrite the report; knowledge by the LLM `judge` (a
+    causal LM's folder or hub id: judge_run) if given, else by the rule judge. Returns the results."""
     path = os.path.join(run_dir, "results.json")
     if not os.path.isfile(path):
         raise ValueError(f"{path} not found; RUN_DIR must be a run folder written by smolora.py")
-    with open(path) as f:
-        try:
-            old = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not JSON ({e})") from None
+    old = data.read_json(path)
     if not isinstance(old, dict) or not {"method", "tasks"} <= old.keys():
         raise ValueError(f"{path} needs at least 'method' and 'tasks'")
-    config = old.get("config") or {}
-    data_root, rows = config.get("data"), len(_stages(old)) + 1
     results = {k: old.get(k) for k in ("method", "tasks", "config", "seconds")}
-    results |= {k: old[k] for k in ("stages", "notes") if k in old}
-    tables = [(results, old["tasks"])]
+    results |= {k: old[k] for k in ("stages", "notes") if k in old} | _rescored(run_dir, old, old["tasks"])
     if old.get("unseen"):
-        results["unseen"] = {"tasks": old["unseen"]["tasks"]}
-        tables.append((results["unseen"], old["unseen"]["tasks"]))
-    for table, tasks in tables:
-        table["matrix"] = [[None] * len(tasks) for _ in range(rows)]
-        table["mif"] = [[None] * len(tasks) for _ in range(rows)]
-        for i, task in enumerate(tasks):
-            _task(task)
-            test_ids = None
-            if data_root and os.path.isdir(data_root):
-                records = data.load_records(data_root, task, "test")[:config.get("max_test")]  # the run's share
-                test_ids = Counter(str(r["id"]) for r in records)
-            for t in range(rows):
-                pred_path = os.path.join(run_dir, "predictions", f"stage{t}", f"{task}.jsonl")
-                if not os.path.isfile(pred_path):
-                    continue
-                predictions = load_predictions(pred_path)
-                if not predictions:
-                    raise ValueError(f"{pred_path} is empty")
-                if test_ids is not None and Counter(str(p["question_id"]) for p in predictions) != test_ids:
-                    raise ValueError(f"{pred_path}: question ids do not match the {len(test_ids)} test records of "
-                                     f"{task} in {data_root}")
-                table["matrix"][t][i], table["mif"][t][i] = score_predictions(task, predictions)
+        results["unseen"] = {"tasks": old["unseen"]["tasks"]} | _rescored(run_dir, old, old["unseen"]["tasks"])
+    for task, shots in (old.get("fewshot") or {}).items():     # predictions/fewshot-<k>/<task>.jsonl
+        results.setdefault("fewshot", {})[task] = {k: dict(zip(("score", "mif"), score_predictions(
+            task, load_predictions(os.path.join(run_dir, "predictions", f"fewshot-{k}", f"{task}.jsonl")))))
+            for k in shots}
+    if judge:
+        judge_run(run_dir, results, judge, device, dtype)
+        results["knowledge_judge"] = judge
     return write_report(run_dir, results)
 
 
 # ----------------------------------------------------------------------------------------------
 # The comparison of methods run on the same tasks, seed and base: compare.md and compare.png.
 
-COMPARED = ("AP", "MAP", "BWT", "forgetting", "MIF")
+COMPARED = ("AP", "MAP", "BWT", "forgetting", "MIF", "GK")
 
 
-def _comparison_rows(runs):
-    """Per run: its metrics, the mean dual-forgetting split over the earlier tasks, the final unseen mean."""
-    rows = []
-    for r in runs:
-        dual = list((r.get("dual_forgetting") or {}).values())
-        split = {k: sum(d[k] for d in dual) / len(dual) if dual else None for k in ("format_broke", "format_held")}
-        unseen = (r.get("unseen") or {}).get("matrix")
-        final = unseen[-1] if unseen and len(unseen) == len(_stages(r)) + 1 else None
-        rows.append({**{k: r["metrics"][k] for k in COMPARED}, **split,
-                     "unseen": sum(final) / len(final) if final and None not in final else None})
-    return rows
-
-
-def _comparison_markdown(runs):
-    rows, tasks = _comparison_rows(runs), runs[0]["tasks"]
-    columns = (*COMPARED, "format_broke", "format_held", "unseen")
-    lines = [f"# Comparison: {' -> '.join(tasks)}", "",
-             "Each method tuned on the same tasks, in this order, from the same base model and seed.", "",
-             "| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    lines += [f"| {r['method']} | " + " | ".join(_cell(row[k]) for k in columns) + " |" for r, row in zip(runs, rows)]
-    lines += ["", "AP, MAP, BWT, forgetting, MIF as in each run's matrix.md (DESIGN.md section 6). format_broke / "
-              "format_held: the mean drop of an earlier task, in points, on the samples whose final answer broke "
-              "the task's format / kept it but was wrong (dual forgetting). unseen: the mean final score on the "
-              "tasks never trained. – : not defined for the method, or not run.", ""]
-    lines += [f"- **{r['method']}**: {r['notes']}" for r in runs if r.get("notes")]
-    earlier = tasks[:-1]
-    if any(r.get("dual_forgetting") for r in runs):
-        lines += ["", "## Dual forgetting per earlier task: format broke / format held (points)", "",
-                  "| method | " + " | ".join(earlier) + " |", "|---|" + "---:|" * len(earlier)]
-        for r in runs:
-            dual = r.get("dual_forgetting") or {}
-            lines.append(f"| {r['method']} | " + " | ".join(
-                f"{dual[t]['format_broke']:.1f} / {dual[t]['format_held']:.1f}" if t in dual else "–"
-                for t in earlier) + " |")
-    return "\n".join(lines) + "\n"
-
-
-BROKE, HELD, BAR = (220, 80, 60), (59, 82, 139), (33, 145, 140)
+def _comparison_row(run):
+    """A run's metrics, its mean dual-forgetting split over the earlier tasks, and its final mean on unseen tasks."""
+    dual, unseen = list((run.get("dual_forgetting") or {}).values()), (run.get("unseen") or {}).get("matrix")
+    final = unseen[-1] if unseen and len(unseen) == len(_stages(run)) + 1 and None not in unseen[-1] else None
+    split = {k: sum(d[k] for d in dual) / len(dual) if dual else None for k in SPLIT}
+    return {**{k: run["metrics"][k] for k in COMPARED}, **split, "unseen": sum(final) / len(final) if final else None}
 
 
 def _comparison_png(runs):
     """A panel of horizontal bars per metric, one bar per method from the zero line, and a last panel with each
-    method's mean forgetting split: the format-broke part, then the format-held part stacked on it."""
-    font = ImageFont.load_default(size=14)
-    rows = _comparison_rows(runs)
-    panels = [(k, [[(row[k], BAR)] for row in rows]) for k in COMPARED]
-    panels.append(("forgetting: broke + held", [[(row["format_broke"], BROKE), (row["format_held"], HELD)]
-                                                for row in rows]))
+    method's mean forgetting split three ways (format broke with knowledge kept, lost; format held), stacked."""
+    font, rows = ImageFont.load_default(size=14), [_comparison_row(r) for r in runs]
+    legend = {"format broke, knowledge kept": (240, 170, 60), "format broke, knowledge lost": (220, 80, 60),
+              "format held": (59, 82, 139)}  # SPLIT's
+    panels = [(k, [[(row[k], (33, 145, 140))] for row in rows]) for k in COMPARED]
+    panels.append(("forgetting: split", [[(row[k], c) for k, c in zip(SPLIT, legend.values())] for row in rows]))
     label_w, bar_h, panel_w, pad, top = max(font.getlength(r["method"]) for r in runs) + 16, 26, 190, 14, 44
     width, height = int(pad + label_w + len(panels) * (panel_w + pad)), top + bar_h * len(runs) + 3 * pad + 16
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
+    image, draw, text = _canvas(width, height, font)
     for m, r in enumerate(runs):
-        draw.text((pad + label_w - 8, top + (m + 0.5) * bar_h), r["method"], fill="black", font=font, anchor="rm")
+        text((pad + label_w - 8, top + (m + 0.5) * bar_h), r["method"], "rm")
     for p, (title, bars) in enumerate(panels):
         left = pad + label_w + p * (panel_w + pad)
         # each bar's segment ends, from 0: the panel's scale spans them all
-        ends = [[0.0] + [sum(v for v, _ in bar[:k + 1] if v is not None) for k in range(len(bar))] for bar in bars]
+        ends = [list(accumulate((v or 0.0 for v, _ in bar), initial=0.0)) for bar in bars]
         low, high = min(min(e) for e in ends), max(max(e) for e in ends)
         scale = (panel_w - 80) / (high - low if high > low else 1.0)
 
         def x(value):
             return left + 40 + (value - low) * scale      # 40 px each side for the value's label
-        draw.text((left + panel_w / 2, pad + 8), title, fill="black", font=font, anchor="mm")
+        text((left + panel_w / 2, pad + 8), title, "mm")
         draw.line((x(0), top - 4, x(0), top + bar_h * len(runs)), fill="black")
         for m, (bar, end) in enumerate(zip(bars, ends)):
             y = top + m * bar_h + 4
@@ -723,25 +806,35 @@ def _comparison_png(runs):
                 if value is not None:
                     draw.rectangle((min(x(a), x(b)), y, max(x(a), x(b)), y + bar_h - 8), fill=colour)
             label = "-" if all(v is None for v, _ in bar) else f"{end[-1]:.1f}"
-            draw.text((x(end[-1]) + (-3 if end[-1] < 0 else 3), y + (bar_h - 8) / 2), label, fill="black", font=font,
-                      anchor="rm" if end[-1] < 0 else "lm")
-    legend = (("format broke", BROKE), ("format held", HELD))
-    left = width - pad - sum(font.getlength(name) + 30 for name, _ in legend)
-    for name, colour in legend:
+            text((x(end[-1]) + (-3 if end[-1] < 0 else 3), y + (bar_h - 8) / 2), label, "rm" if end[-1] < 0 else "lm")
+    left = width - pad - sum(font.getlength(name) + 30 for name in legend)
+    for name, colour in legend.items():
         draw.rectangle((left, height - pad - 12, left + 10, height - pad - 2), fill=colour)
-        draw.text((left + 14, height - pad - 7), name, fill="black", font=font, anchor="lm")
+        text((left + 14, height - pad - 7), name, "lm")
         left += font.getlength(name) + 30
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer := io.BytesIO(), format="PNG")
     return buffer.getvalue()
 
 
 def write_comparison(folder, runs):
-    """compare.md and compare.png in folder, from the results (as write_report returns them) of several methods'
-    runs on the same tasks, in the order given."""
+    """compare.md and compare.png in folder, from several methods' results (write_report's) on the same tasks."""
     if not runs or any(r["tasks"] != runs[0]["tasks"] for r in runs):
         raise ValueError(f"a comparison needs runs on the same tasks, got {[r['tasks'] for r in runs]}")
-    write_atomic(os.path.join(folder, "compare.md"), _comparison_markdown(runs))
+    tasks, earlier, columns = runs[0]["tasks"], runs[0]["tasks"][:-1], (*COMPARED, *SPLIT, "unseen")
+    lines = [f"# Comparison: {' -> '.join(tasks)}", "",
+             "Each method tuned on the same tasks, in this order, from the same base model and seed.", ""]
+    lines += _table("method", columns, [(r["method"], [row[k] for k in columns])
+                                        for r, row in zip(runs, map(_comparison_row, runs))])
+    lines += ["Metrics as in each run's matrix.md. format_broke_knowledge_kept / _lost, format_held: an earlier task's "
+              "mean drop, in points, on the answers that broke its format but kept / lost their content, and on those "
+              "that kept it but were wrong. unseen: the mean final score on the untrained tasks. –: not defined.", ""]
+    lines += [f"- **{r['method']}**: {r['notes']}" for r in runs if r.get("notes")]
+    if any(r.get("dual_forgetting") for r in runs):
+        split = [(r["method"], [" / ".join(f"{r['dual_forgetting'][t][k]:.1f}" for k in SPLIT)
+                                if t in (r.get("dual_forgetting") or {}) else "–" for t in earlier]) for r in runs]
+        lines += ["", "## Dual forgetting per earlier task: format broke, knowledge kept / format broke, knowledge "
+                  "lost / format held (points)", ""] + _table("method", earlier, split)
+    write_atomic(os.path.join(folder, "compare.md"), "\n".join(lines) + "\n")
     write_atomic(os.path.join(folder, "compare.png"), _comparison_png(runs))
 
 
@@ -756,9 +849,8 @@ def routing_overlap(picks, pool):
     expert of `pool` (0: VU, 1: IF) at a layer, averaged over the layers:
 
         overlap(i, j) = 100 * mean_l sum_e u_i(l, e) u_j(l, e)    u_i(l, e): the share of i's samples sent to e at l
-
-    picks: {task: per sample, per layer, the expert picked in each pool [VU, IF]}. Tasks that share experts
-    share their updates too: a later task's tuning rewrites what an earlier one learned there."""
+    picks: {task: per sample, per layer, the expert picked in each pool [VU, IF]}. Tasks that share experts share
+    their updates too: a later task's tuning rewrites what an earlier one learned there."""
     shares = {}
     for task, samples in picks.items():
         if not samples:
@@ -769,38 +861,35 @@ def routing_overlap(picks, pool):
              / len(shares[i]) for j in picks] for i in picks]
 
 
-def _routing_markdown(method, picks, pool_size):
+def write_routing(run_dir, method, picks, pool_size):
+    """routing.md and routing.png in run_dir: each pool's routing_overlap of picks; pool_size: experts a pool (E/2)."""
+    overlaps = {name: routing_overlap(picks, pool) for pool, name in enumerate(POOLS)}
     tasks, layers = list(picks), len(next(iter(picks.values()))[0])
     lines = [f"# {method}: which experts the routers pick, after the last stage", "",
-             f"Overlap (%): the chance that a test sample of the row's task and one of the column's task are sent to "
-             f"the same expert of the pool, averaged over the {layers} SMoLoRA layers (`eval.routing_overlap`). "
-             f"100: the two tasks tune and use the same experts everywhere; {100 / pool_size:.0f}: what "
-             f"routing at random over {pool_size} experts would give. A task's overlap with itself below 100 means "
-             f"its own samples are spread over several experts.", ""]
-    for pool, name in enumerate(POOLS):
-        overlap = routing_overlap(picks, pool)
-        lines += [f"## {name} pool", "", "| | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
-        lines += [f"| {task} | " + " | ".join(_cell(v) for v in row) + " |" for task, row in zip(tasks, overlap)]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def write_routing(run_dir, method, picks, pool_size):
-    """routing.md and routing.png in run_dir: the VU and IF pools' overlap between every pair of tasks.
-    picks as routing_overlap takes them; pool_size the experts in each pool (E/2)."""
-    tasks = list(picks)
-    panels = [(f"{method}: {name} pool, % same expert", routing_overlap(picks, pool))
-              for pool, name in enumerate(POOLS)]
-    write_atomic(os.path.join(run_dir, "routing.md"), _routing_markdown(method, picks, pool_size))
+             f"Overlap (%): the chance that a test sample of the row's task and one of the column's go to the same "
+             f"expert of the pool, averaged over the {layers} SMoLoRA layers (`eval.routing_overlap`); 100: the same "
+             f"experts everywhere, {100 / pool_size:.0f}: routing at random over {pool_size} experts; below 100 on the "
+             "diagonal: a task's own samples spread over several experts.", ""]
+    for name, overlap in overlaps.items():
+        lines += [f"## {name} pool", ""] + _table("", tasks, zip(tasks, overlap))
+    write_atomic(os.path.join(run_dir, "routing.md"), "\n".join(lines))
+    panels = [(f"{method}: {name} pool, % same expert", overlap) for name, overlap in overlaps.items()]
     write_atomic(os.path.join(run_dir, "routing.png"), _heatmaps_png(panels, tasks, tasks))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Re-score a run's saved predictions and rewrite its report.")
     parser.add_argument("run_dir", help="a run folder (results.json, predictions/stage<t>/<task>.jsonl)")
+    parser.add_argument("--judge", metavar="MODEL", help="judge knowledge with this causal LM (a folder or hub id), "
+                        "as CoIN does, its replies cached beside the predictions; default: the rule judge")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu)")
     args = parser.parse_args(argv)
     try:
-        results = rescore_run(args.run_dir)
+        dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype {dtype!r} is not allowed: choose float32, bfloat16 or float16")
+        results = rescore_run(args.run_dir, args.judge, args.device, dtype)
     except ValueError as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         sys.exit(2)

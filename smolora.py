@@ -1,29 +1,35 @@
-"""smolora: continual visual instruction tuning with LoRA, MoELoRA (CoIN) and SMoLoRA, written by hand.
+"""smolora: continual visual instruction tuning with LoRA, DoRA, O-LoRA, MoELoRA (CoIN) and SMoLoRA, by hand.
 
-Read top to bottom beside the papers (DESIGN.md section 2 holds the equations):
-  1. the adapters: LoRALinear, MoELoRALinear, SMoLoRALinear, each forward beside its formula;
-  2. putting them into a LLaVA model: add_adapters, set_routing, the adapter state dict.
+Read top to bottom beside the papers (DESIGN.md section 2 holds the equations): 1. the adapters, each forward
+beside its formula; 2. in a LLaVA model, routing, state dicts; 3. models; 4. training and each method's own
+behaviour (METHODS); 5. the continual run, the protocol; 6. the command line.
 Notation as in the papers: x a token's input to a linear layer, W0 the frozen weight, r the total rank,
 s = alpha / r the LoRA scale (the TOTAL rank r in both papers' code, also for the mixtures).
 """
 import argparse
 import functools
+import inspect
 import io
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
+import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import safetensors.torch
 from tqdm import tqdm
-from transformers import (AutoProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+from transformers import (AutoModel, AutoProcessor, AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration)
 
 import data
@@ -60,19 +66,59 @@ class LoRALinear(nn.Module):
     def delta_weight(self):
         return self.scaling * self.lora_B @ self.lora_A            # s B A         (out, in)
 
+    def merged_weight(self, W0):
+        return W0 + self.delta_weight()                            # W = W0 + s B A
+
+    def unmerged_weight(self, W):
+        return W - self.delta_weight()                             # W0 = W - s B A
+
     @torch.no_grad()
     def merge(self):
-        """W = W0 + s B A: the layer then costs what the plain linear costs."""
+        """W0 -> W, the update folded in: the layer then costs what the plain linear costs."""
         if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.base.weight.copy_(self.merged_weight(self.base.weight.float()).to(self.base.weight.dtype))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
-        """W0 = W - s B A: back to the frozen weight, the adapter separate again."""
+        """W -> W0: back to the frozen weight, the adapter separate again."""
         if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.base.weight.copy_(self.unmerged_weight(self.base.weight.float()).to(self.base.weight.dtype))
             self.merged = False
+
+
+class DoRALinear(LoRALinear):
+    """DoRA (Liu et al. 2024, weight-decomposed LoRA): the LoRA-updated weight split into a learned magnitude per
+    output row and a direction, its norm a constant in the backward pass (DoRA section 4.3, as PEFT):
+
+        W' = m * (W0 + s B A) / ||W0 + s B A||,   m (out,) initialised to ||W0|| per row, so W' = W0 at init
+        h  = W' x + b,  computed as PEFT does: W0 x + b + (m/n - 1) W0 dropout(x) + (m/n) s B A dropout(x)
+    """
+
+    def __init__(self, base: nn.Linear, r=8, alpha=16, dropout=0.0):
+        super().__init__(base, r, alpha, dropout)
+        self.magnitude = nn.Parameter(base.weight.detach().float().norm(dim=1))      # m = ||W0|| per row (out,)
+
+    def weight_norm(self):
+        with torch.no_grad():     # detached: a constant in the backward pass
+            return (self.base.weight.float() + self.delta_weight()).norm(dim=1)       # n = ||W0 + s B A|| (out,)
+
+    def forward(self, x):
+        h = self.base(x)                                                   # W0 x + b            (B, L, out)
+        if self.merged:
+            return h
+        scale = self.magnitude / self.weight_norm()                        # m / n               (out,)
+        xd = self.dropout(x.to(self.lora_A.dtype))                         # dropout(x), as PEFT
+        plain = xd @ self.base.weight.float().T                            # W0 dropout(x)       (B, L, out)
+        z = self.scaling * (xd @ self.lora_A.T) @ self.lora_B.T            # s B A dropout(x)    (B, L, out)
+        return h + ((scale - 1) * plain + scale * z).to(h.dtype)           # W' x + b
+
+    def merged_weight(self, W0):
+        self.merged_norm = self.weight_norm()                              # n, kept to unmerge
+        return (W0 + self.delta_weight()) * (self.magnitude / self.merged_norm)[:, None]    # W = m (W0 + s B A) / n
+
+    def unmerged_weight(self, W):
+        return W * (self.merged_norm / self.magnitude)[:, None] - self.delta_weight()      # W0 = W n / m - s B A
 
 
 class OLoRALinear(LoRALinear):
@@ -82,8 +128,7 @@ class OLoRALinear(LoRALinear):
         h      = W0 x + sum_{j<t} s B_j A_j x + s B_t A_t x
         L_orth = sum_{j<t} sum |A_j A_t^T|       (the official code's L1; the paper writes the squared norm)
 
-    The frozen LoRAs are stacked in buffers sized for all the run's tasks (zeros for the tasks to come), so the
-    adapter's state has one shape for the whole run.
+    The frozen LoRAs are stacked in buffers sized for all the run's tasks (zeros for those to come): one shape.
     """
 
     def __init__(self, base: nn.Linear, r=8, alpha=16, dropout=0.0, num_tasks=1):
@@ -126,16 +171,15 @@ class MoELoRALinear(nn.Module):
         g = softmax(W_g x)                     W_g (E, in), no bias, no top-k
         h = W0 x + s * sum_e g_e B_e A_e x
 
-    Stacked form (ours, exactly equal): z = A_all x for all experts in one matmul, each expert's
-    r/E-slice of z scaled by its g_e, then one matmul with B_all. One LoRA's cost instead of E.
-    """
+    Stacked form (ours, exactly equal): z = A_all x in one matmul, each expert's r/E-slice scaled by g_e, one
+    matmul with B_all: one LoRA's cost instead of E."""
 
     def __init__(self, base: nn.Linear, r=128, alpha=256, num_experts=8, dropout=0.05):
         super().__init__()
         self.base, self.r, self.num_experts, self.scaling = base, r, num_experts, alpha / r
         self.lora_A, self.lora_B = _expert_weights(base, r, num_experts)
-        self.router = nn.Linear(base.in_features, num_experts, bias=False,
-                                device=base.weight.device, dtype=torch.float32)
+        self.router = nn.Linear(base.in_features, num_experts, bias=False, device=base.weight.device,
+                                dtype=torch.float32)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward(self, x):
@@ -149,10 +193,12 @@ class MoELoRALinear(nn.Module):
         return h + (self.scaling * z @ B_all.T).to(h.dtype)         # + s sum_e g_e B_e A_e x
 
 
+SMOLORA_PARTS = (("vu",), ("if",), ("vu", "if"), ("vu", "if", "fusion"))   # the paper's ablation, full method last
+
+
 def pick(stacked, experts):
-    """stacked[experts]: the weights (E, ...) of the experts (B, 2, k) each sample keeps, by index_select, whose
-    backward adds in a fixed order; stacked[experts]'s adds in parallel in no fixed order on CPU, and two
-    identical SMoLoRA runs came out different."""
+    """stacked[experts] (E, ...)[(B, P, k)] by index_select, whose backward adds in a fixed order: stacked[experts]'s
+    adds in parallel in no fixed order on CPU, and two identical SMoLoRA runs came out different."""
     return stacked.index_select(0, experts.flatten()).unflatten(0, experts.shape)
 
 
@@ -166,30 +212,33 @@ class SMoLoRALinear(nn.Module):
         [alpha_t, beta_t] = softmax([I_vu . x_vu, I_if . x_if])        per token ("adaptive fusion")
         h = W0 x + alpha_t * x_vu + beta_t * x_if
 
-    With top_k = 1 (the paper's setting) the softmax over one kept logit is the constant 1, so R_vu and
-    R_if receive no gradient: the papers' routers are never trained and stay the random projections
-    they were initialised as. That is what the official code does too; with top_k >= 2 they learn.
+    The paper's ablation (`parts`): vu: h = W0 x + x_vu, if: h = W0 x + x_if (the other pool unused, untrained);
+    vu,if: h = W0 x + x_vu + x_if; vu,if,fusion: the full method above.
+    With top_k = 1 (the paper's) the softmax over one kept logit is the constant 1, so R_vu and R_if get no
+    gradient: they stay the random projections they were initialised as, as officially; top_k >= 2 trains them.
     """
 
     def __init__(self, base: nn.Linear, r=128, alpha=256, num_experts=8, top_k=1, ins_dim=None,
-                 dropout=0.05):
+                 dropout=0.05, parts=SMOLORA_PARTS[-1]):
         super().__init__()
+        if tuple(parts) not in SMOLORA_PARTS:
+            raise ValueError(f"SMoLoRA parts {parts} are not allowed: choose one of {SMOLORA_PARTS}")
         if num_experts < 2 or num_experts % 2:
-            raise ValueError(f"num_experts={num_experts} is not allowed for SMoLoRA: "
-                             f"it must be even (two pools of E/2 experts)")
+            raise ValueError(f"num_experts={num_experts} is not allowed for SMoLoRA: it must be even (two pools)")
         pool = num_experts // 2
         if not 1 <= top_k <= pool:
-            raise ValueError(f"top_k={top_k} is not allowed with num_experts={num_experts}: "
-                             f"top_k must be between 1 and the pool size {pool}")
+            raise ValueError(f"top_k={top_k} is not allowed with num_experts={num_experts}: between 1 and {pool}")
         self.base, self.r, self.num_experts, self.top_k = base, r, num_experts, top_k
-        self.scaling = alpha / r
+        self.scaling, self.fusion = alpha / r, "fusion" in parts
+        self.pools = [pool for pool, name in enumerate(("vu", "if")) if name in parts]   # 0: VU, 1: IF
         self.lora_A, self.lora_B = _expert_weights(base, r, num_experts)
         kw = dict(device=base.weight.device, dtype=torch.float32)
         self.vu_router = nn.Linear(base.in_features, pool, bias=False, **kw)                # R_vu
         self.if_router = nn.Linear(ins_dim or base.in_features, pool, bias=False, **kw)     # R_if
-        # I_vu, I_if: the paper writes no bias; the official code's Linear(out, 1) carries one.
-        self.fuse_vu = nn.Linear(base.out_features, 1, **kw)
-        self.fuse_if = nn.Linear(base.out_features, 1, **kw)
+        # I_vu, I_if (1, out): no bias, as the paper writes and the official code builds them (bias=False)
+        if self.fusion:
+            self.fuse_vu = nn.Linear(base.out_features, 1, bias=False, **kw)
+            self.fuse_if = nn.Linear(base.out_features, 1, bias=False, **kw)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.routing_mask = self.routing_ins = self.routing = None
 
@@ -226,55 +275,51 @@ class SMoLoRALinear(nn.Module):
         if mask is None and ins is None:
             mask, ins = self.routing_mask, self.routing_ins
         experts, gates = self.route(x, mask, ins)                      # (B, 2, k)
+        experts, gates, P = experts[:, self.pools], gates[:, self.pools], len(self.pools)   # the pools in use
         rank = self.lora_A.shape[1]
         # Stacked form: gather each sample's kept experts, one batched matmul for all their A, one for all B.
-        A = pick(self.lora_A, experts).flatten(1, 3)                   # (B, 2*k*rank, in)
+        A = pick(self.lora_A, experts).flatten(1, 3)                   # (B, P*k*rank, in)
         # one dropout mask shared by the kept experts (ours; the official code draws one per expert call)
-        z = torch.bmm(self.dropout(x), A.transpose(1, 2))              # A_i x                (B, L, 2*k*rank)
-        z = z.unflatten(-1, (2, self.top_k, rank)) * (self.scaling * gates)[:, None, :, :, None]
-        z = z.flatten(-2)                                              # G_i s A_i x, VU | IF (B, L, 2, k*rank)
-        B = pick(self.lora_B, experts).transpose(-1, -2).flatten(2, 3)  # B_i^T, VU | IF       (B, 2, k*rank, out)
-        # I . x_pool = (I B_pool) . z_pool: the fusion logits are read in the rank space, so x_vu and x_if
-        # (B, L, out) each) are never built apart (ours, exactly equal, about a third of the layer's time).
-        I = torch.stack([self.fuse_vu.weight, self.fuse_if.weight])   # I_vu, I_if           (2, 1, out)
-        IB = (B @ I.transpose(1, 2)).squeeze(-1)                       # I_pool B_pool        (B, 2, k*rank)
-        logits = (z * IB[:, None]).sum(-1) + torch.cat([self.fuse_vu.bias, self.fuse_if.bias])  # (B, L, 2)
-        fusion = torch.softmax(logits, dim=-1)                         # [alpha_t, beta_t]    (B, L, 2)
-        delta = torch.bmm((z * fusion.unsqueeze(-1)).flatten(2), B.flatten(1, 2))  # alpha_t x_vu + beta_t x_if
+        z = torch.bmm(self.dropout(x), A.transpose(1, 2))              # A_i x                (B, L, P*k*rank)
+        z = z.unflatten(-1, (P, self.top_k, rank)) * (self.scaling * gates)[:, None, :, :, None]
+        z = z.flatten(-2)                                              # G_i s A_i x, VU | IF (B, L, P, k*rank)
+        B = pick(self.lora_B, experts).transpose(-1, -2).flatten(2, 3)  # B_i^T, VU | IF       (B, P, k*rank, out)
+        if self.fusion:
+            # I . x_pool = (I B_pool) . z_pool: the fusion logits are read in the rank space, so x_vu and x_if
+            # (B, L, out) each) are never built apart (ours, exactly equal, about a third of the layer's time).
+            I = torch.stack([self.fuse_vu.weight, self.fuse_if.weight])  # I_vu, I_if          (2, 1, out)
+            IB = (B @ I.transpose(1, 2)).squeeze(-1)                   # I_pool B_pool        (B, 2, k*rank)
+            logits = (z * IB[:, None]).sum(-1)                         # [I_vu . x_vu, I_if . x_if] (B, L, 2)
+            z = z * torch.softmax(logits, dim=-1).unsqueeze(-1)        # [alpha_t, beta_t] on each pool's z
+        delta = torch.bmm(z.flatten(2), B.flatten(1, 2))               # alpha_t x_vu + beta_t x_if, or their sum
         return h + delta.to(h.dtype)                                   # h = W0 x + alpha_t x_vu + beta_t x_if
 
 
-ADAPTERS = (LoRALinear, MoELoRALinear, SMoLoRALinear)
+ADAPTERS = {"lora": LoRALinear, "dora": DoRALinear, "olora": OLoRALinear, "moelora": MoELoRALinear,
+            "smolora": SMoLoRALinear}
 
 
 # ----------------------------------------------------------------------------------------------
 # 2. Adapters in a LLaVA model (module names of transformers' LlavaForConditionalGeneration, as in
 #    llava-hf/llava-1.5-7b-hf): where each method goes (DESIGN.md 2.2 / 2.3), routing, state dicts.
 
+# LoRA, DoRA, O-LoRA, MoELoRA: every linear of the LLM (q, k, v, o, gate, up, down); SMoLoRA: the LLM's MLP
+# (gate, up, down) and both linears of the projector
 LLM_LINEARS = r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
-TARGETS = {
-    "lora": (LLM_LINEARS,),                      # every linear of the LLM (q, k, v, o, gate, up, down)
-    "moelora": (LLM_LINEARS,),
-    "smolora": (r"model\.language_model\.layers\.\d+\.mlp\.(gate|up|down)_proj",  # the LLM's MLP
-                r"model\.multi_modal_projector\.linear_[12]"),                    # and both projector linears
-    "olora": (LLM_LINEARS,),
-}
-HPARAMS = {"lora": {"r", "alpha", "dropout"}, "olora": {"r", "alpha", "dropout", "num_tasks"},
-           "moelora": {"r", "alpha", "dropout", "num_experts"},
-           "smolora": {"r", "alpha", "dropout", "num_experts", "top_k"}}
+TARGETS = {**dict.fromkeys(("lora", "dora", "olora", "moelora"), (LLM_LINEARS,)),
+           "smolora": (r"model\.language_model\.layers\.\d+\.mlp\.(gate|up|down)_proj",
+                       r"model\.multi_modal_projector\.linear_[12]")}
 
 
 def add_adapters(model, method, targets=None, **hparams):
-    """Wrap the method's target linears in place, freeze everything else; return the wrapped names.
-
-    `targets` (regular expressions matched against whole module names) overrides the method's defaults.
-    """
-    if method not in TARGETS:
-        raise ValueError(f"unknown method {method!r}: allowed are {', '.join(TARGETS)}")
-    unknown = set(hparams) - HPARAMS[method]
-    if unknown:
-        raise ValueError(f"hyper-parameter(s) {', '.join(sorted(unknown))} not allowed for {method}: "
-                         f"allowed are {', '.join(sorted(HPARAMS[method]))}")
+    """Wrap the method's target linears in place, freeze everything else; return the wrapped names. `targets`
+    (regular expressions over whole module names) overrides the method's; hparams: the adapter class's arguments."""
+    if method not in ADAPTERS:
+        raise ValueError(f"unknown method {method!r}: allowed are {', '.join(ADAPTERS)}")
+    allowed = set(inspect.signature(ADAPTERS[method]).parameters) - {"base"}
+    if set(hparams) - allowed:
+        raise ValueError(f"hyper-parameter(s) {', '.join(sorted(set(hparams) - allowed))} not allowed for {method}: "
+                         f"allowed are {', '.join(sorted(allowed))}")
     patterns = [re.compile(p) for p in (targets or TARGETS[method])]
     names = [name for name, module in model.named_modules()
              if isinstance(module, nn.Linear) and any(p.fullmatch(name) for p in patterns)]
@@ -282,31 +327,24 @@ def add_adapters(model, method, targets=None, **hparams):
         raise ValueError(f"targets {list(targets or TARGETS[method])} match no linear module of "
                          f"{type(model).__name__}: give regular expressions over its module names")
     model.requires_grad_(False)
-    ins_dim = model.get_input_embeddings().embedding_dim
+    if method == "smolora":
+        hparams.setdefault("ins_dim", model.get_input_embeddings().embedding_dim)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        base = getattr(parent, child)
-        if method == "lora":
-            adapter = LoRALinear(base, **hparams)
-        elif method == "olora":
-            adapter = OLoRALinear(base, **hparams)
-        elif method == "moelora":
-            adapter = MoELoRALinear(base, **hparams)
-        else:
-            adapter = SMoLoRALinear(base, ins_dim=ins_dim, **hparams)
-            # top-1 routers get no gradient (see SMoLoRALinear): keep them out of the optimizer.
+        adapter = ADAPTERS[method](getattr(parent, child), **hparams)
+        if method == "smolora":   # top-1 routers get no gradient (see SMoLoRALinear): keep them out of the optimizer
             adapter.vu_router.requires_grad_(adapter.top_k > 1)
             adapter.if_router.requires_grad_(adapter.top_k > 1)
         adapter.base.requires_grad_(False)
-        adapter.train(base.training)   # a new module starts in training mode: follow the model's
+        adapter.train(adapter.base.training)   # a new module starts in training mode: follow the model's
         setattr(parent, child, adapter)
     return names
 
 
 def instruction_embedding(model, input_ids, ins_mask):
     """f(X_ins) (ours): the mean of the frozen input embeddings over the instruction's tokens, centred on the
-    vocabulary's mean embedding.  (B, d)
+    vocabulary's mean embedding.  (B, d)  The default f, read from each sample's prompt (route_batch).
 
     Centred because token embeddings share one large common direction (the tiny model's mean embedding is 3/4 of
     a token's norm): uncentred, every instruction's mean points along it, and the IF router sent all of CoIN's
@@ -317,6 +355,41 @@ def instruction_embedding(model, input_ids, ins_mask):
         embeddings = table(input_ids).float() - centre             # e(x) - mean_v e(v)  (B, L, d)
     m = ins_mask.to(embeddings.dtype).unsqueeze(-1)                # (B, L, 1)
     return (embeddings * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
+
+
+def load_encoder(path):
+    """--ins-encoder: (encoder, tokenizer) of a transformers sentence encoder folder (e.g. all-MiniLM-L6-v2)."""
+    try:
+        return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--ins-encoder {path} is not a transformers encoder (a folder AutoModel and AutoTokenizer "
+                         f"load): {str(e).splitlines()[0]}") from None
+
+
+@torch.no_grad()
+def embed_instructions(model, processor, strings, encoder=None):
+    """f(X_ins) of instruction strings, each read alone  (N, d): the default f (instruction_embedding over the
+    string's tokens), or with `encoder` the official recipe, the mean of the sentence encoder's last hidden
+    states over the string's tokens."""
+    if encoder is None:
+        tokens = processor.tokenizer(strings, add_special_tokens=False, padding=True, return_tensors="pt")
+        return instruction_embedding(model, tokens["input_ids"].to(model.device), tokens["attention_mask"].bool())
+    encoder, tokenizer = encoder
+    tokens = tokenizer(strings, padding=True, return_tensors="pt")
+    m = tokens["attention_mask"].unsqueeze(-1).float()                        # (N, L, 1)
+    return ((encoder(**tokens).last_hidden_state * m).sum(1) / m.sum(1)).to(model.device)   # mean pooling
+
+
+def with_instruction_embeddings(records, task, cfg, embed):
+    """The records, each given the f(X_ins) its IF router reads ("ins_embedding"), when that is not read from its
+    own prompt (the default): --if-routing task, the task's canonical instruction, whatever the sample's wording
+    (the official scheme: an oracle of the task's identity); --ins-encoder, the sample's own instruction."""
+    if cfg["if_routing"] != "task" and not cfg["ins_encoder"]:
+        return records
+    keys = [data.canonical_instruction(task) if cfg["if_routing"] == "task" else r["instruction"] for r in records]
+    strings = sorted(set(keys))
+    table = dict(zip(strings, embed(strings)))                    # one tensor per distinct string, shared
+    return [{**r, "ins_embedding": table[key]} for r, key in zip(records, keys)]
 
 
 def set_routing(model, mask, ins):
@@ -337,7 +410,9 @@ def route_batch(model, batch):
         prompt = batch["attention_mask"]
         if "labels" in batch:
             prompt = prompt * (batch["labels"] == -100)                # not the answer tokens nor EOS
-        set_routing(model, prompt, instruction_embedding(model, batch["input_ids"], batch["ins_mask"]))
+        ins = batch.get("ins_embedding")                               # given by with_instruction_embeddings
+        set_routing(model, prompt, instruction_embedding(model, batch["input_ids"], batch["ins_mask"])
+                    if ins is None else ins)
 
 
 @torch.no_grad()
@@ -362,7 +437,7 @@ def adapter_state_dict(model):
     """Only the adapter tensors (experts, routers, fusion vectors), keyed by their full names."""
     state = {}
     for name, module in model.named_modules():
-        if isinstance(module, ADAPTERS):
+        if isinstance(module, tuple(ADAPTERS.values())):
             for key, tensor in module.state_dict().items():
                 if not key.startswith("base."):
                     state[f"{name}.{key}"] = tensor.detach().clone()
@@ -418,20 +493,11 @@ def pretrain_tiny_model(path, seed=0, progress=True):
     bar = tqdm(range(PRETRAIN["steps"]), desc="pretraining the tiny base model on captions", disable=not progress)
     for step in bar:
         if step % PRETRAIN["pool"] == 0:
-            batches = caption_batches(PRETRAIN["batch_size"], PRETRAIN["pool"], f"{seed}/{step}")
+            batches = data.caption_batches(PRETRAIN["batch_size"], PRETRAIN["pool"], f"{seed}/{step}")
         batch = collate(batches[step % PRETRAIN["pool"]])
-        bar.set_postfix(loss=f"{train_step(model, batch, optimizer, schedule):.3f}")
+        bar.set_postfix(loss=f"{train_step(model, [batch], optimizer, schedule):.3f}")
     save_checkpoint(model.eval(), processor, path)
     return path
-
-
-def caption_batches(batch_size, count, seed):
-    """`count` batches of fresh scenes, grouped by length and shuffled: captions run from 2 to 150 tokens, and
-    a batch pads to its longest, so grouping halves the cost of a step."""
-    records = sorted(data.caption_corpus(batch_size * count, seed), key=lambda r: len(r["text"] + r["answer"]))
-    batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
-    random.Random(seed).shuffle(batches)
-    return batches
 
 
 def save_checkpoint(model, processor, path):
@@ -491,35 +557,29 @@ def answer_loss(model, batch):
                  pixel_values=batch["pixel_values"].to(model.dtype), labels=batch["labels"]).loss
 
 
-def train_step(model, batch, optimizer, schedule, max_grad_norm=1.0, penalty=None):
-    """One step on the answer loss, plus penalty() when a method adds one (EWC, O-LoRA)."""
-    loss = answer_loss(model, batch)
-    if penalty is not None:
-        loss = loss + penalty()
-    if not torch.isfinite(loss):
-        raise NaNLoss(f"the loss became {loss.item()}")
-    loss.backward()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    schedule.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+def train_step(model, batches, optimizer, schedule, max_grad_norm=1.0, penalty=None):
+    """One optimizer step on the answer loss averaged over the micro-batches (a list of collated batches: gradient
+    accumulation), plus penalty() when a method adds one (EWC, O-LoRA). Returns the loss."""
+    total = 0.0
+    for batch in batches:
+        loss = answer_loss(model, batch) + (penalty() if penalty is not None else 0)
+        if not torch.isfinite(loss):
+            raise NaNLoss(f"the loss became {loss.item()}")
+        (loss / len(batches)).backward()                  # the gradient of the mean over the micro-batches
+        total += loss.item() / len(batches)
+    pressed, previous = [], signal.signal(signal.SIGINT, lambda *_: pressed.append(1))
+    try:   # Ctrl-C waits for the update to end, then raises: a step is taken whole or not at all (train_stage)
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+    return total
 
 
-# The methods of the papers' tables (DESIGN.md 2.4), in their order: the adapter each tunes and what it is.
-# Each one's few lines are marked by its name below and in `run`.
-METHODS = {
-    "zeroshot": (None, "the base model, not tuned"),
-    "multitask": ("lora", "one LoRA tuned on all tasks mixed, in one stage: the upper bound, not continual"),
-    "dirlora": ("lora", "a fresh LoRA per task, each task answered by its own: needs the task identity at test"),
-    "lora": ("lora", "SeqLoRA: one LoRA tuned through the tasks in order"),
-    "replay": ("lora", "SeqLoRA with a memory of earlier tasks' training samples mixed into each later task"),
-    "ewc": ("lora", "SeqLoRA with the EWC penalty (lambda/2) sum F (theta - theta*)^2"),
-    "olora": ("olora", "O-LoRA: a new LoRA per task, earlier ones frozen, the new A orthogonal to theirs"),
-    "moelora": ("moelora", "CoIN's MoELoRA: a dense mixture of LoRA experts tuned through the tasks"),
-    "smolora": ("smolora", "SMoLoRA: separable visual / instruction expert pools, routed per sample"),
-}
 REPLAY_RATIO = 0.1     # replay: each later task's records get 10% more from the earlier tasks' memories (ours)
 EWC_LAMBDA = 5000.0    # ewc (ours): about the loss's size once the next task moves the adapters as SeqLoRA does
 EWC_SAMPLES = 64       # ewc: training samples of a task its Fisher is averaged over (ours: a sample, not all)
@@ -586,34 +646,112 @@ def orthogonality_penalty(model, lam=1.0):
     return lam * sum(m.orthogonality() for m in model.modules() if isinstance(m, OLoRALinear))
 
 
+@dataclass(frozen=True)
+class Method:
+    """A method of the papers' tables (DESIGN.md 2.4): the adapter it tunes and what `run` does for it, each a small
+    function of the run's state `ctx` (model, processor, cfg, tasks, train, test, out) and the stage (1-based).
+    The defaults are SeqLoRA's: one stage per task, on that task's records, nothing before or after."""
+    adapter: str | None                         # the adapter it tunes (ADAPTERS); None: nothing is tuned
+    notes: str
+    stages: Callable = list                     # tasks -> what each stage tunes on, by name
+    records: Callable = lambda ctx, stage: ctx.train[ctx.tasks[stage - 1]]   # (ctx, stage) -> what it tunes on
+    start: Callable = lambda ctx, stage: None   # (ctx, stage) before tuning the stage -> its penalty() or None
+    end: Callable = lambda ctx, stage: None     # (ctx, stage) after the stage, also when resumed from its file
+    answer: Callable | None = None              # (ctx, stage, i) -> the adapters task i is answered with, or None
+    report: Callable = lambda ctx: None         # (ctx) after the last stage
+
+
+def dirlora_answer(ctx, stage, i):
+    """dirlora: a trained task is answered by its own LoRA (the task identity), the others by the latest."""
+    return safetensors.torch.load_file(ctx.out / "adapters" / f"stage{i + 1}.safetensors") if i + 1 < stage else None
+
+
+def ewc_end(ctx, stage):
+    """ewc: F and theta* for the tasks to come (recomputed when resumed)."""
+    if stage < len(ctx.tasks):
+        ctx.ewc = consolidate(ctx.model, ctx.processor, ctx.train[ctx.tasks[stage - 1]], ctx.cfg["seed"], ctx.ewc)
+
+
+def olora_start(ctx, stage):
+    """olora: from the second task, freeze the LoRA just tuned, start a new one, push it orthogonal."""
+    if stage > 1:
+        torch.manual_seed(ctx.cfg["seed"] + stage)                 # the new A's draws, also on resume
+        start_new_lora(ctx.model, stage - 1)
+        return functools.partial(orthogonality_penalty, ctx.model, ctx.cfg["olora_lambda"])
+
+
+def routing_report(ctx):
+    """smolora: which tasks share experts, and so each other's updates (routing.md, routing.png)."""
+    picks = {t: routing_picks(ctx.model, ctx.processor, ctx.test[t], ctx.cfg["batch_size"])
+             for t in ctx.tasks + ctx.cfg["unseen"]}
+    oracle = ", IF routed by task (oracle)" if ctx.cfg["if_routing"] == "task" else ""
+    eval.write_routing(ctx.out, ctx.cfg["method"] + oracle, picks, ctx.cfg["experts"] // 2)
+
+
+METHODS = {
+    "zeroshot": Method(None, "the base model, not tuned", stages=lambda tasks: []),
+    "multitask": Method("lora", "one LoRA tuned on all tasks mixed, in one stage: the upper bound, not continual",
+                        stages=lambda tasks: ["all tasks mixed"],       # batch_order mixes them
+                        records=lambda ctx, stage: [r for t in ctx.tasks for r in ctx.train[t]]),
+    "dirlora": Method("lora", "a fresh LoRA per task, each task answered by its own: needs the task identity at test",
+                      start=lambda ctx, stage: load_adapter_state_dict(ctx.model, ctx.fresh), answer=dirlora_answer),
+    "lora": Method("lora", "SeqLoRA: one LoRA tuned through the tasks in order"),
+    "replay": Method("lora", "SeqLoRA with a memory of earlier tasks' training samples mixed into each later task",
+                     records=lambda ctx, stage: replay_mix(ctx.train, ctx.tasks, stage, ctx.cfg["replay_ratio"],
+                                                           ctx.cfg["seed"])),
+    "ewc": Method("lora", "SeqLoRA with the EWC penalty (lambda/2) sum F (theta - theta*)^2", end=ewc_end,
+                  start=lambda ctx, stage: ctx.ewc and functools.partial(ewc_penalty, ctx.model, *ctx.ewc,
+                                                                         ctx.cfg["ewc_lambda"])),
+    "olora": Method("olora", "O-LoRA: a new LoRA per task, earlier ones frozen, the new A orthogonal to theirs",
+                    start=olora_start),
+    "dora": Method("dora", "DoRA: one weight-decomposed LoRA (magnitude and direction) tuned through the tasks"),
+    "moelora": Method("moelora", "CoIN's MoELoRA: a dense mixture of LoRA experts tuned through the tasks"),
+    "smolora": Method("smolora", "SMoLoRA: separable visual / instruction expert pools, routed per sample",
+                      report=routing_report),
+}
+
+
 # ----------------------------------------------------------------------------------------------
 # 5. The continual run: zero-shot row, then for each task in order: tune, save, evaluate every task.
 
 SYNTHETIC = dict(n_train=1000, n_test=200)   # records per task of the synthetic mini-CoIN
 CHECKPOINT_SECONDS = 300                     # a mid-stage checkpoint at most this often
-# Adapter and training defaults: the papers' for a real checkpoint; for the tiny model a rank and learning
-# rate in proportion to its width (128 against 4096) and epochs enough for it to learn a task.
-PAPER_DEFAULTS = dict(r=128, alpha=256, experts=8, lr=1e-4, batch_size=8, epochs=1)
-TINY_DEFAULTS = dict(r=32, alpha=64, experts=8, lr=5e-3, batch_size=32, epochs=8)
+# Adapter and training defaults. For a real checkpoint each method's paper's (DESIGN.md 7): SMoLoRA's lr 1e-4 and
+# weight decay 0.01, CoIN's lr 2e-4 and 0, both at SMoLoRA's global batch of 64, 8 x 8 accumulated (ours for CoIN's
+# methods: its 8 GPUs x 6-16 x 8 is 384-1024, a handful of steps on a few thousand records). For the tiny model a
+# rank and learning rate in proportion to its width (128 against 4096) and epochs enough for it to learn a task.
+PAPER_DEFAULTS = dict(r=128, alpha=256, experts=8, lr=2e-4, batch_size=8, grad_accum=8, epochs=1, weight_decay=0.0)
+SMOLORA_PAPER_DEFAULTS = dict(PAPER_DEFAULTS, lr=1e-4, weight_decay=0.01)
+TINY_DEFAULTS = dict(r=32, alpha=64, experts=8, lr=5e-3, batch_size=32, grad_accum=1, epochs=8, weight_decay=0.0)
 PROJECTOR_LR_FACTOR = 0.2                    # SMoLoRA's projector adapters: 2e-5 against 1e-4 (DESIGN.md 2.3)
 # what must agree for --resume to continue a run, or for a rerun to replace it
-RUN_IDENTITY = ("method", "tasks", "model", "data", "seed", "epochs", "lr", "batch_size", "r", "alpha",
-                "experts", "top_k", "weight_decay", "max_train", "max_test", "replay_ratio", "ewc_lambda", "olora_lambda",
-                "unseen", "instructions")
+RUN_IDENTITY = ("method", "tasks", "model", "data", "seed", "epochs", "lr", "batch_size", "grad_accum", "r",
+                "alpha", "experts", "top_k", "weight_decay", "max_train", "max_test", "replay_ratio", "ewc_lambda",
+                "olora_lambda", "unseen", "instructions", "if_routing", "ins_encoder", "smolora_parts", "fewshot")
 
 
-def adapter_hparams(cfg):
+def adapter_hparams(cfg, ins_dim=None):
     # dropout 0.05 on every adapter's input: the papers' MoE value and LLaVA's LoRA scripts' (a fair comparison)
-    adapter, hparams = METHODS[cfg["method"]][0], dict(r=cfg["r"], alpha=cfg["alpha"], dropout=0.05)
+    adapter, hparams = METHODS[cfg["method"]].adapter, dict(r=cfg["r"], alpha=cfg["alpha"], dropout=0.05)
     if adapter in ("moelora", "smolora"):
         hparams["num_experts"] = cfg["experts"]
     if adapter == "smolora":
-        hparams["top_k"] = cfg["top_k"]
+        hparams.update(top_k=cfg["top_k"], parts=tuple(cfg["smolora_parts"].split(",")),
+                       **({"ins_dim": ins_dim} if ins_dim else {}))
     if adapter == "olora":   # ours: rank r/T per task, the others' rank budget r shared, so the T A's can be orthogonal
         T = len(cfg["tasks"])
         rank = max(1, cfg["r"] // T)
         hparams.update(r=rank, alpha=cfg["alpha"] * rank / cfg["r"], num_tasks=T)   # the same scale s = alpha / r
     return hparams
+
+
+def variant_note(cfg):
+    """What the report says of SMoLoRA's knobs where they leave the paper's full method routed per sample."""
+    said = [f"ablation: parts {cfg['smolora_parts']}"] if cfg["smolora_parts"] not in (None, "vu,if,fusion") else []
+    said += ["the IF router reads each task's canonical instruction, by its identity (an oracle, as officially)"
+             ] if cfg["if_routing"] == "task" else []
+    said += [f"f(X_ins) by the sentence encoder {cfg['ins_encoder']}"] if cfg["ins_encoder"] else []
+    return "".join(f"; {s}" for s in said)
 
 
 def prepare_out(cfg):
@@ -634,22 +772,24 @@ def prepare_out(cfg):
     return out
 
 
-def evaluate(model, processor, task, records, path, cfg):
+def evaluate(model, processor, task, records, path, cfg, progress=True):
     """(score, MIF) of the model on a task; the predictions are saved, and reused when resuming."""
     if cfg["resume"] and path.exists():
         predictions = eval.load_predictions(path)
     else:
         predictions = eval.generate_predictions(model, processor, records, task, batch_size=cfg["batch_size"],
                                                 before_generate=lambda batch: route_batch(model, batch),
-                                                desc=f"evaluating {task}")
+                                                desc=f"evaluating {task}", progress=progress)
         eval.save_predictions(path, predictions)
     return eval.score_predictions(task, predictions)
 
 
-def train_stage(model, processor, records, cfg, stage, out, name, penalty=None):
-    """Tune the adapters on one stage's records (stage `name`); a checkpoint every CHECKPOINT_SECONDS, resumable."""
-    steps = max(1, math.ceil(cfg["epochs"] * len(records) / cfg["batch_size"]))
-    batches = batch_order(len(records), cfg["batch_size"], steps, cfg["seed"] + stage)
+def train_stage(model, processor, records, cfg, stage, out, name, penalty=None, progress=True):
+    """Tune the adapters on one stage's records (stage `name`) in optimizer steps of grad_accum micro-batches; a
+    checkpoint every CHECKPOINT_SECONDS and on Ctrl-C, from which --resume continues to the same bits."""
+    accum = cfg["grad_accum"]
+    steps = max(1, math.ceil(cfg["epochs"] * len(records) / (cfg["batch_size"] * accum)))   # optimizer steps
+    batches = batch_order(len(records), cfg["batch_size"], steps * accum, cfg["seed"] + stage)
     llm, projector = [], []
     for parameter_name, p in model.named_parameters():
         if p.requires_grad:
@@ -661,37 +801,49 @@ def train_stage(model, processor, records, cfg, stage, out, name, penalty=None):
     torch.manual_seed(cfg["seed"] + stage)          # adapter dropout: the same draws on every run
     checkpoint, start = out / "checkpoint.pt", 0
     if cfg["resume"] and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+        try:   # tensors, numbers and dicts only: a checkpoint.pt from elsewhere runs no code
+            state = torch.load(checkpoint, weights_only=True)
+        except pickle.UnpicklingError:
+            raise ValueError(f"{checkpoint} holds more than tensors, numbers and dicts and is refused (loading it "
+                             f"could run code); delete it to redo stage {stage} from its start") from None
         if state["stage"] == stage:
             load_adapter_state_dict(model, state["adapters"])
             optimizer.load_state_dict(state["optimizer"])
             schedule.load_state_dict(state["schedule"])
             torch.set_rng_state(state["rng"])
             start = state["step"]
+
+    def save(done):
+        buffer = io.BytesIO()
+        torch.save({"stage": stage, "step": done, "adapters": adapter_state_dict(model), "rng": torch.get_rng_state(),
+                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, buffer)
+        eval.write_atomic(checkpoint, buffer.getvalue())
     collate, last_save = data.Collator(processor, train=True), time.time()
     model.train()
-    bar = tqdm(range(start, steps), desc=f"stage {stage}: tuning on {name}", initial=start, total=steps)
+    bar = tqdm(range(start, steps), desc=f"stage {stage}: tuning on {name}", initial=start, total=steps,
+               disable=not progress)
     for step in bar:
+        rng = torch.get_rng_state()
         try:
-            loss = train_step(model, collate([records[i] for i in batches[step]]), optimizer, schedule,
-                              penalty=penalty)
+            loss = train_step(model, [collate([records[i] for i in batch]) for batch in
+                                      batches[step * accum:(step + 1) * accum]], optimizer, schedule, penalty=penalty)
         except NaNLoss as e:
             kept = checkpoint if checkpoint.exists() else out / "adapters" / f"stage{stage - 1}.safetensors"
             raise NaNLoss(f"{e} at stage {stage} step {step}: stopped; the last good checkpoint is kept "
                           f"({kept if kept.exists() else 'none yet'}); lower --lr and rerun with --resume") from None
+        except KeyboardInterrupt:   # the steps done are kept; a step cut short is dropped whole, its dropout draws too
+            done = schedule.last_epoch                   # the steps taken (train_step's update is uninterrupted)
+            if done == step:
+                torch.set_rng_state(rng)
+                optimizer.zero_grad(set_to_none=True)
+            bar.close()
+            save(done)
+            raise KeyboardInterrupt(f"interrupted at stage {stage} step {done}; continue with --resume") from None
         bar.set_postfix(loss=f"{loss:.3f}")
         if time.time() - last_save > CHECKPOINT_SECONDS and step + 1 < steps:
-            eval.write_atomic(checkpoint, torch_bytes(
-                {"stage": stage, "step": step + 1, "adapters": adapter_state_dict(model), "rng": torch.get_rng_state(),
-                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}))
+            save(step + 1)
             last_save = time.time()
     model.eval()
-
-
-def torch_bytes(obj):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
 
 
 def ensure_tiny_model(cache, progress=True):
@@ -703,192 +855,229 @@ def ensure_tiny_model(cache, progress=True):
 
 
 def run(cfg, progress=True):
-    """Tuning on cfg["tasks"] with cfg["method"]; returns the results dict (DESIGN.md section 8)."""
-    started = time.time()
-    out = prepare_out(cfg)
-    cache = Path(cfg["cache"])
-    model_path = cfg["model"] or ensure_tiny_model(cache, progress)
-    data_root = cfg["data"] or cache / "data-v1"
-    tasks, unseen, method = cfg["tasks"], cfg["unseen"], cfg["method"]
+    """Tuning on cfg["tasks"] with cfg["method"]; returns the results dict (DESIGN.md section 8). The protocol: the
+    zero-shot row; for each stage, the method's start, tuning, its end, every task evaluated; after the last, the
+    method's report, then each few-shot tuning of an unseen task, from the final adapters (DESIGN.md 3)."""
+    started, method = time.time(), METHODS[cfg["method"]]
+    encoder = load_encoder(cfg["ins_encoder"]) if cfg["ins_encoder"] else None
+    out, cache = prepare_out(cfg), Path(cfg["cache"])
+    model_path, data_root = cfg["model"] or ensure_tiny_model(cache, progress), cfg["data"] or cache / "data-v1"
+    tasks, unseen, fewshot = cfg["tasks"], cfg["unseen"], cfg["fewshot"]
     if not cfg["data"]:
-        data.make_synthetic(data_root, tasks + unseen, seed=0, progress=progress, **SYNTHETIC)
-    train = {t: data.load_records(data_root, t, "train")[:cfg["max_train"]] for t in tasks}
-    test = {t: data.load_records(data_root, t, "test", cfg["instructions"])[:cfg["max_test"]] for t in tasks + unseen}
-    dtype = getattr(torch, cfg["dtype"])
-    model, processor = load_model(model_path, cfg["device"], dtype)
+        data.make_synthetic(data_root, list(dict.fromkeys(tasks + unseen + list(fewshot))), seed=0,
+                            progress=progress, **SYNTHETIC)
+    model, processor = load_model(model_path, cfg["device"], getattr(torch, cfg["dtype"]))
     if cfg["grad_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # what each stage tunes on: zeroshot none, multitask all tasks at once, the others one task after another
-    stages = {"zeroshot": [], "multitask": ["all tasks mixed"]}.get(method, tasks)
+    embed = functools.partial(embed_instructions, model, processor, encoder=encoder)
+
+    def records(task, split, limit, instructions="default"):
+        return with_instruction_embeddings(data.load_records(data_root, task, split, instructions)[:limit], task,
+                                           cfg, embed)
+    train = {t: records(t, "train", cfg["max_train"]) for t in tasks + list(fewshot)}
+    test = {t: records(t, "test", cfg["max_test"], cfg["instructions"])
+            for t in dict.fromkeys(tasks + unseen + list(fewshot))}
+    stages = method.stages(tasks)
 
     def empty(columns):
         return {"tasks": list(columns), "matrix": [[None] * len(columns) for _ in range(len(stages) + 1)],
                 "mif": [[None] * len(columns) for _ in range(len(stages) + 1)]}
-    results = {"method": method, **empty(tasks), "config": cfg, "stages": stages, "notes": METHODS[method][1],
-               "seconds": None}
-    if unseen:
-        results["unseen"] = empty(unseen)
-    previous = out / "results.json"
-    earlier_seconds = 0       # a resumed run's time so far
-    if cfg["resume"] and previous.exists():
-        earlier_seconds = json.loads(previous.read_text()).get("seconds") or 0
+    results = {"method": cfg["method"], **empty(tasks), "config": cfg, "stages": stages,
+               "notes": method.notes + variant_note(cfg), "seconds": None,
+               **({"unseen": empty(unseen)} if unseen else {})}
+    previous = out / "results.json"       # a resumed run's time so far counts
+    earlier_seconds = cfg["resume"] and previous.exists() and json.loads(previous.read_text()).get("seconds") or 0
+    ctx = SimpleNamespace(model=model, processor=processor, cfg=cfg, tasks=tasks, train=train, test=test, out=out,
+                          ewc=None)
+
+    def report(title):
+        results["seconds"] = earlier_seconds + time.time() - started
+        eval.write_report(out, results)
+        if progress:
+            print(f"\n{title}:\n" + (out / "matrix.md").read_text())
 
     def evaluate_row(stage):
-        current = adapter_state_dict(model) if method == "dirlora" else None
+        latest = adapter_state_dict(model) if method.answer and stage else None
         for i, task in enumerate(tasks + unseen):
-            if method == "dirlora" and stage:   # a trained task is answered by its own LoRA: the task identity
-                own = out / "adapters" / f"stage{i + 1}.safetensors"
-                load_adapter_state_dict(model, safetensors.torch.load_file(own) if i + 1 < stage else current)
+            if latest is not None:      # the adapters the method answers this task with
+                load_adapter_state_dict(model, method.answer(ctx, stage, i) or latest)
             table, column = (results, i) if i < len(tasks) else (results["unseen"], i - len(tasks))
             path = out / "predictions" / f"stage{stage}" / f"{task}.jsonl"
             table["matrix"][stage][column], table["mif"][stage][column] = evaluate(model, processor, task,
-                                                                                   test[task], path, cfg)
-        results["seconds"] = earlier_seconds + time.time() - started
-        eval.write_report(out, results)
-        print(f"\nafter stage {stage} of {len(stages)}:\n" + (out / "matrix.md").read_text())
+                                                                                   test[task], path, cfg, progress)
+        report(f"after stage {stage} of {len(stages)}")
+
+    def tune(saved, stage, name, records, start=lambda: None, config=cfg):
+        """Tune on records(), with the penalty start() returns, and save; when resuming, load what was saved."""
+        if cfg["resume"] and saved.exists():
+            return load_adapter_state_dict(model, safetensors.torch.load_file(saved))
+        penalty = start()
+        train_stage(model, processor, records(), config, stage, out, name, penalty, progress)
+        saved.parent.mkdir(exist_ok=True)
+        eval.write_atomic(saved, safetensors.torch.save(adapter_state_dict(model)))
+        (out / "checkpoint.pt").unlink(missing_ok=True)
 
     evaluate_row(0)
     if stages:
         torch.manual_seed(cfg["seed"])
-        add_adapters(model, METHODS[method][0], **adapter_hparams(cfg))
-    fresh, ewc = adapter_state_dict(model), None
+        add_adapters(model, method.adapter, **adapter_hparams(cfg, encoder and encoder[0].config.hidden_size))
+    ctx.fresh = adapter_state_dict(model)
     for stage, name in enumerate(stages, 1):
-        saved = out / "adapters" / f"stage{stage}.safetensors"
-        if cfg["resume"] and saved.exists():
-            load_adapter_state_dict(model, safetensors.torch.load_file(saved))
-        else:
-            penalty = None
-            if method == "multitask":
-                records = [r for t in tasks for r in train[t]]                     # batch_order mixes them
-            elif method == "replay":
-                records = replay_mix(train, tasks, stage, cfg["replay_ratio"], cfg["seed"])
-            else:
-                records = train[name]
-            if method == "dirlora":
-                load_adapter_state_dict(model, fresh)                              # a fresh LoRA for every task
-            if method == "ewc" and ewc is not None:
-                penalty = functools.partial(ewc_penalty, model, *ewc, cfg["ewc_lambda"])
-            if method == "olora" and stage > 1:
-                torch.manual_seed(cfg["seed"] + stage)                             # the new A's draws, also on resume
-                start_new_lora(model, stage - 1)
-                penalty = functools.partial(orthogonality_penalty, model, cfg["olora_lambda"])
-            train_stage(model, processor, records, cfg, stage, out, name, penalty)
-            saved.parent.mkdir(exist_ok=True)
-            eval.write_atomic(saved, safetensors.torch.save(adapter_state_dict(model)))
-            (out / "checkpoint.pt").unlink(missing_ok=True)
-        if method == "ewc" and stage < len(stages):     # F and theta* for the next tasks (recomputed on resume)
-            ewc = consolidate(model, processor, train[name], cfg["seed"], ewc)
+        tune(out / "adapters" / f"stage{stage}.safetensors", stage, name, lambda: method.records(ctx, stage),
+             lambda: method.start(ctx, stage))
+        method.end(ctx, stage)
         evaluate_row(stage)
-    if method == "smolora":   # which tasks share experts, and so each other's updates
-        picks = {t: routing_picks(model, processor, test[t], cfg["batch_size"]) for t in tasks + unseen}
-        eval.write_routing(out, method, picks, cfg["experts"] // 2)
-    return json.loads((out / "results.json").read_text())
+    if not stages:
+        return json.loads(previous.read_text())
+    method.report(ctx)
+    final = adapter_state_dict(model)
+    for stage, (task, k) in enumerate([(t, k) for t, shots in fewshot.items() for k in shots], len(stages) + 1):
+        load_adapter_state_dict(model, final)          # each k from the same final adapters
+        tune(out / "adapters" / f"fewshot-{task}-{k}.safetensors", stage, f"{task}, {k} shots",   # one epoch on
+             lambda: data.fewshot_records(train[task], k, cfg["seed"], task), config={**cfg, "epochs": 1})  # k a class
+        path = out / "predictions" / f"fewshot-{k}" / f"{task}.jsonl"
+        score, mif = evaluate(model, processor, task, test[task], path, cfg, progress)
+        results.setdefault("fewshot", {}).setdefault(task, {})[str(k)] = {"score": score, "mif": mif}
+        report(f"{task} after {k}-shot tuning")
+    return json.loads(previous.read_text())
 
 
 # ----------------------------------------------------------------------------------------------
 # 6. The command line: `python smolora.py --tasks scienceqa,textvqa`.
 
-def parse_tasks(text, flag="--tasks"):
-    if text in ("coin", "smolora"):
-        return list(data.COIN_TASKS if text == "coin" else data.SMOLORA_TASKS)
-    tasks = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in data.TASKS]
-    if unknown or not tasks or len(set(tasks)) != len(tasks):
-        raise ValueError(f"{flag} {text!r} is not allowed: give distinct names among {', '.join(data.TASKS)}, "
-                         f"or 'coin' or 'smolora'")
-    return tasks
+def parse_names(text, flag, allowed, aliases):
+    """A comma-separated list of distinct names among `allowed`, or an alias of a list (e.g. 'coin', 'all')."""
+    names = list(aliases[text]) if text in aliases else [n.strip() for n in text.split(",") if n.strip()]
+    if not names or len(set(names)) != len(names) or any(n not in allowed for n in names):
+        raise ValueError(f"{flag} {text!r} is not allowed: give distinct comma-separated names among "
+                         f"{', '.join(allowed)}, or {' or '.join(map(repr, aliases))}")
+    return names
 
 
-def parse_methods(text):
-    methods = list(METHODS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
-    if not methods or len(set(methods)) != len(methods) or any(m not in METHODS for m in methods):
-        raise ValueError(f"--method {text!r} is not allowed: choose one or several (comma-separated, distinct) of "
-                         f"{', '.join(METHODS)}, or 'all'")
-    return methods
+def parse_fewshot(specs, tasks):
+    """--fewshot places365:5,10 (the flag repeatable) -> {"places365": [5, 10]}: tasks not trained, shots k >= 1."""
+    fewshot = {}
+    for spec in specs or []:
+        task, _, shots = spec.partition(":")
+        ks = [int(k) for k in shots.split(",") if k.strip().isdigit()]
+        if (task not in data.TASKS or task in tasks or task in fewshot or not ks or min(ks) < 1
+                or len(ks) != len(shots.split(",")) or len(set(ks)) != len(ks)):
+            raise ValueError(f"--fewshot {spec!r} is not allowed: give TASK:K[,K...], a task not among --tasks (one "
+                             f"of {', '.join(t for t in data.TASKS if t not in tasks)}) and distinct shots K >= 1")
+        fewshot[task] = ks
+    return fewshot
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Continual visual instruction tuning: tune a LLaVA model on tasks "
-                                            "one after another, evaluate every task after every stage.")
-    p.add_argument("--tasks", required=True, help="comma-separated task names in training order, or 'coin' "
-                                                  "(CoIN's 8) or 'smolora' (SMoLoRA's 6 upstream)")
+    p = argparse.ArgumentParser(prog="smolora.py", description="Continual visual instruction tuning: tune a LLaVA model on tasks one "
+                                            "after another, evaluate every task after every stage.")
+    p.add_argument("--tasks", required=True, help="task names in training order, or coin (CoIN's 8) or smolora")
     p.add_argument("--method", default="smolora", help=f"{' | '.join(METHODS)}; or several, comma-separated, or "
                                                        f"'all': each run in <out>/<method>, compared in <out>")
     p.add_argument("--model", help="a LLaVA checkpoint folder or id (default: the tiny model, built once)")
     p.add_argument("--data", help="a CoIN-format data root (default: the synthetic mini-CoIN, made once)")
     p.add_argument("--out", help="the run folder (default: runs/<method>-<tasks>, or runs/compare-<tasks>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from where it stopped")
-    p.add_argument("--cache", default=str(CACHE), help="where the tiny model and synthetic data are kept "
-                                                       "(default $SMOLORA_CACHE or ~/.cache/smolora)")
+    p.add_argument("--cache", default=str(CACHE), help="the tiny model's and synthetic data's folder ($SMOLORA_CACHE)")
     p.add_argument("--seed", type=int, default=0, help="seed of adapter init, data order and dropout")
     p.add_argument("--epochs", type=float, help="passes over each task's training records")
-    p.add_argument("--lr", type=float, help="learning rate of the LLM's adapters (projector's: x0.2)")
-    p.add_argument("--batch-size", type=int, help="training and evaluation batch size")
+    p.add_argument("--lr", type=float, help="learning rate of the LLM's adapters (projector's: x0.2; default on a "
+                                            "real checkpoint: 1e-4 for smolora, 2e-4 for CoIN's and the others)")
+    p.add_argument("--batch-size", type=int, help="training (micro-)batch and evaluation batch size")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: 8 on a real checkpoint, "
+                                                  "for the papers' global batch of 64; 1 on the tiny model)")
     p.add_argument("--r", type=int, help="total adapter rank (olora: shared by the tasks, r/T each)")
     p.add_argument("--alpha", type=float, help="LoRA alpha: the scale is alpha / r")
     p.add_argument("--experts", type=int, help="number of experts (MoELoRA, SMoLoRA)")
-    p.add_argument("--weight-decay", type=float, help="AdamW's weight decay (default: 0.01 for smolora on a real "
-                                                      "checkpoint, as its scripts; else 0, as CoIN's)")
+    p.add_argument("--weight-decay", type=float, help="AdamW's (default 0.01 for smolora with --model, else 0)")
     p.add_argument("--top-k", type=int, default=1, help="experts kept per pool by SMoLoRA's routers (paper: 1)")
-    p.add_argument("--replay-ratio", type=float, default=REPLAY_RATIO,
-                   help="replay: earlier tasks' samples added to each task, as a share of its own records")
+    p.add_argument("--smolora-parts", help="SMoLoRA's ablation: vu | if | vu,if | vu,if,fusion (default, the paper's)")
+    p.add_argument("--if-routing", choices=("sample", "task"), help="what SMoLoRA's IF router reads: sample (default) "
+                   "each sample's own instruction; task: its task's canonical one, by the task's identity (an oracle)")
+    p.add_argument("--ins-encoder", help="SMoLoRA: embed instructions with this transformers sentence encoder "
+                                         "(e.g. all-MiniLM-L6-v2's folder), mean-pooled, not the LLM's embeddings")
+    p.add_argument("--replay-ratio", type=float, default=REPLAY_RATIO, help="replay: memory samples per own record")
     p.add_argument("--ewc-lambda", type=float, default=EWC_LAMBDA, help="ewc: weight of the EWC penalty")
     p.add_argument("--olora-lambda", type=float, default=OLORA_LAMBDA, help="olora: weight of the orthogonality loss")
     p.add_argument("--unseen", help="comma-separated tasks never trained, evaluated after every stage (not in AP)")
+    p.add_argument("--fewshot", action="append", help="TASK:K[,K...], e.g. places365:5,10: after the last stage, tune "
+                   "1 epoch on K examples per class of an untrained task, from the final adapters; evaluate it apart")
     p.add_argument("--instructions", default="default", choices=("default", "diverse"),
                    help="diverse: evaluate with paraphrased instructions never trained on")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--max-train", type=int, help="use at most this many training records per task")
     p.add_argument("--max-test", type=int, help="evaluate on at most this many test records per task")
     return p.parse_args(argv)
 
 
+def check_device(device, dtype):
+    """Refuse a --device this machine lacks or a --dtype it cannot compute in (a CPU computes in all three)."""
+    cuda = re.fullmatch(r"cuda(:\d+)?", device)
+    if not (cuda or device == "cpu") or cuda and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} is not allowed: choose cpu, or cuda or cuda:N on a machine with CUDA "
+                         f"(this one has {'' if torch.cuda.is_available() else 'no '}CUDA)")
+    if cuda and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--dtype bfloat16 is not allowed on {torch.cuda.get_device_name(device)}, which cannot "
+                         f"compute in it: choose float16 or float32")
+
+
 def make_config(args, method=None):
     """The configuration of the run of `method`, one of --method (default the first): flags given, else the
     defaults for a real checkpoint or the tiny model. With several methods, each runs in <out>/<method>."""
-    methods = parse_methods(args.method)
-    method = method or methods[0]
-    tasks = parse_tasks(args.tasks)
-    unseen = parse_tasks(args.unseen, "--unseen") if args.unseen else []
+    methods = parse_names(args.method, "--method", METHODS, {"all": METHODS})
+    method, task_lists = method or methods[0], {"coin": data.COIN_TASKS, "smolora": data.SMOLORA_TASKS}
+    tasks = parse_names(args.tasks, "--tasks", data.TASKS, task_lists)
+    unseen = parse_names(args.unseen, "--unseen", data.TASKS, task_lists) if args.unseen else []
     if set(unseen) & set(tasks):
         raise ValueError(f"--unseen {args.unseen!r} is not allowed: unseen tasks must not be among --tasks")
-    defaults = PAPER_DEFAULTS if args.model else TINY_DEFAULTS
+    defaults = (SMOLORA_PAPER_DEFAULTS if method == "smolora" else PAPER_DEFAULTS) if args.model else TINY_DEFAULTS
     cfg = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype {dtype!r} is not allowed: choose float32, bfloat16 or float16")
-    weight_decay = args.weight_decay
-    if weight_decay is None:   # SMoLoRA's scripts 0.01, CoIN's 0; the tiny base learns its tasks without
-        weight_decay = 0.01 if args.model and method == "smolora" else 0.0
-    if weight_decay < 0:
-        raise ValueError(f"--weight-decay {weight_decay} is not allowed: it must be 0 or more")
-    for name in ("epochs", "lr", "batch_size", "r", "alpha", "experts", "top_k", "max_train", "max_test",
-                 "replay_ratio", "ewc_lambda", "olora_lambda"):
-        value = cfg.get(name, getattr(args, name))
-        if value is not None and value <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} {value} is not allowed: it must be positive")
+    check_device(args.device, dtype)
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is not allowed: it is a file; give a folder for the run")
+    for name in ("epochs", "lr", "batch_size", "grad_accum", "r", "alpha", "experts", "top_k", "max_train",
+                 "max_test", "replay_ratio", "ewc_lambda", "olora_lambda", "weight_decay"):
+        value, least = cfg.get(name, getattr(args, name)), "0 or more" if name == "weight_decay" else "positive"
+        if value is not None and (value < 0 or value == 0 and least == "positive"):
+            raise ValueError(f"--{name.replace('_', '-')} {value} is not allowed: it must be {least}")
     if args.replay_ratio > 1:
         raise ValueError(f"--replay-ratio {args.replay_ratio} is not allowed: it must be in (0, 1]")
-    out = args.out or f"runs/{method}-{'-'.join(tasks)}"
+    for flag in ("smolora_parts", "if_routing", "ins_encoder"):
+        if getattr(args, flag) is not None and "smolora" not in methods:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r} is not allowed with --method "
+                             f"{args.method!r}: it is SMoLoRA's")
+    parts = args.smolora_parts or "vu,if,fusion"
+    if tuple(parts.split(",")) not in SMOLORA_PARTS:
+        raise ValueError(f"--smolora-parts {parts!r} is not allowed: choose "
+                         f"{' | '.join(','.join(p) for p in SMOLORA_PARTS)}")
+    variant = [parts.replace(",", "+") if parts != "vu,if,fusion" else "", args.if_routing == "task" and "task-routing",
+               args.ins_encoder and "encoder"] if method == "smolora" else []    # a SMoLoRA variant: its own folder
+    out = args.out or f"runs/{'-'.join([method, *filter(None, variant)])}-{'-'.join(tasks)}"
     if len(methods) > 1:
         out = Path(args.out or f"runs/compare-{'-'.join(tasks)}") / method
     return {"method": method, "tasks": tasks, "model": args.model,
             "data": str(Path(args.data).resolve()) if args.data else None,
             "out": str(out), "resume": args.resume, "cache": args.cache,
-            "seed": args.seed, **cfg, "top_k": args.top_k, "weight_decay": weight_decay, "max_train": args.max_train, "max_test": args.max_test,
+            "seed": args.seed, **cfg, "top_k": args.top_k, "max_train": args.max_train, "max_test": args.max_test,
             "replay_ratio": args.replay_ratio if method == "replay" else None,     # only the method's own knobs,
             "ewc_lambda": args.ewc_lambda if method == "ewc" else None,             # so they name its run
             "olora_lambda": args.olora_lambda if method == "olora" else None,
-            "unseen": unseen, "instructions": args.instructions,
+            "unseen": unseen, "instructions": args.instructions, "fewshot": parse_fewshot(args.fewshot, tasks),
+            "smolora_parts": parts if method == "smolora" else None,
+            "if_routing": (args.if_routing or "sample") if method == "smolora" else None,
+            "ins_encoder": args.ins_encoder if method == "smolora" else None,
             "device": args.device, "dtype": dtype, "grad_checkpointing": args.grad_checkpointing}
 
 
 def main(argv=None):
     try:
         args = parse_args(argv)
-        configs = [make_config(args, method) for method in parse_methods(args.method)]   # all checked first
+        methods = parse_names(args.method, "--method", METHODS, {"all": METHODS})
+        configs = [make_config(args, method) for method in methods]   # all checked first
         runs = []
         for cfg in configs:
             print("configuration: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
@@ -903,6 +1092,9 @@ def main(argv=None):
     except ValueError as e:   # bad input, a NaN loss: one line, exit status 2, nothing saved is lost
         print(f"smolora.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:   # Ctrl-C: training saved its step (train_stage), evaluation its finished tasks
+        print(str(e) or "interrupted; what was saved is kept: continue with --resume", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -120,8 +120,7 @@ def naive_smolora(layer, x, mask, ins):
                        for j, i in enumerate(vu_top.indices.tolist()))
             x_if = sum(G_if[j] * s * layer.lora_B[pool + i] @ (layer.lora_A[pool + i] @ xt)
                        for j, i in enumerate(if_top.indices.tolist()))
-            a = layer.fuse_vu.weight[0] @ x_vu + layer.fuse_vu.bias[0]
-            c = layer.fuse_if.weight[0] @ x_if + layer.fuse_if.bias[0]
+            a, c = layer.fuse_vu.weight[0] @ x_vu, layer.fuse_if.weight[0] @ x_if     # I_vu . x_vu, no bias
             alpha, beta = torch.softmax(torch.stack([a, c]), 0)
             out[b, t] = layer.base(xt) + alpha * x_vu + beta * x_if
     return out
@@ -249,7 +248,7 @@ def test_instruction_embedding_is_the_centred_mean_over_the_instruction_tokens()
     (lambda: SMoLoRALinear(nn.Linear(4, 4), r=9, num_experts=3), "num_experts=3"),
     (lambda: SMoLoRALinear(nn.Linear(4, 4), r=8, num_experts=4, top_k=3), "top_k=3"),
     (lambda: add_adapters(tiny_llava(), "lora", targets=[r"nothing\.here"]), "match no linear"),
-    (lambda: add_adapters(tiny_llava(), "dora"), "unknown method 'dora'"),
+    (lambda: add_adapters(tiny_llava(), "qlora"), "unknown method 'qlora'"),
     (lambda: add_adapters(tiny_llava(), "lora", num_experts=4), "num_experts not allowed for lora"),
 ])
 def test_bad_input_names_the_value(make, message):

@@ -250,7 +250,7 @@ def test_write_report_files(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["matrix"] == results["matrix"] and saved["config"] == {"seed": 0}
     assert saved["metrics"] == pytest.approx({"AP": 75.0, "MFT": 85.0, "MAP": (90 + 75) / 2, "BWT": -20.0,
-                                              "forgetting": 20.0, "FWT": 10.0, "MIF": 97.5})
+                                              "forgetting": 20.0, "FWT": 10.0, "MIF": 97.5, "GK": None})
     md = (tmp_path / "matrix.md").read_text()
     assert "| after gqa | 70.00 | 80.00 |" in md and "| zero-shot | 50.00 | 40.00 |" in md and "97.50" in md
     with Image.open(tmp_path / "matrix.png") as png:
