@@ -14,12 +14,14 @@ The protocol (the README states it beside the tables):
    made from those files alone; tests/test_benchmark.py remakes them and fails on any difference.
 """
 import argparse
+import concurrent.futures
 import json
+import os
 import re
 import shutil
 import statistics
+import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,51 +93,64 @@ def validation_root():
 
 
 def run_once(flags, out, saved):
-    """Run smolora.py with flags into out (resuming what is there) and keep its results in `saved`."""
+    """Run `smolora.py flags` into out (resuming what is there; its output in out/log.txt) on one thread, and keep its
+    results.json (and routing.md) in `saved`. Returns the results; a run that fails is named and skipped."""
     if saved.exists():
         return json.loads(saved.read_text())
-    started = time.time()
-    smolora.main([*flags, "--out", str(out), "--resume"])
+    out.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(ROOT / "smolora.py"), *flags, "--out", str(out), "--resume"]
+    with open(out / "log.txt", "a") as log:
+        failed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+    if failed:
+        print(f"benchmark: FAILED ({failed}): {' '.join(command)}; see {out}/log.txt", flush=True)
+        return None
     saved.parent.mkdir(parents=True, exist_ok=True)
     if (out / "routing.md").exists():
         eval.write_atomic(saved.with_name(saved.stem + "-routing.md"), (out / "routing.md").read_text())
     eval.write_atomic(saved, (out / "results.json").read_text())
-    print(f"benchmark: {saved.relative_to(ROOT)} in {time.time() - started:.0f} s", flush=True)
-    return json.loads(saved.read_text())
+    results = json.loads(saved.read_text())
+    print(f"benchmark: {saved.relative_to(ROOT)} in {results['seconds']:.0f} s", flush=True)
+    return results
+
+
+def run_parallel(jobs, workers):
+    """Each (flags, out, saved) of jobs through run_once, `workers` at a time (one thread each: 2 on 2 cores)."""
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda job: run_once(*job), jobs))
 
 
 def selection_score(results):
     return results["metrics"]["MAP"] if results["metrics"]["MAP"] is not None else results["metrics"]["AP"]
 
 
-def chosen_rates(run=True):
-    """method -> (its learning rate, {rate: its validation MAP}); zeroshot trains nothing and has no rate."""
-    rates, root = {}, validation_root() if run else None
+def rate_jobs(root):
+    return [(("--tasks", ",".join(VALIDATION), "--method", method, "--data", str(root), "--lr", f"{lr:g}",
+              "--seed", "0", *SCALE), RUNS / "lr" / method / f"lr{lr:g}", RESULTS / "lr" / method / f"lr{lr:g}.json")
+            for method in smolora.METHODS if method != "zeroshot" for lr in LR_GRID]   # zeroshot has no rate
+
+
+def chosen_rates():
+    """method -> (its learning rate, {rate: its validation MAP}), for the methods whose grid is complete."""
+    rates = {}
     for method in smolora.METHODS:
-        if method == "zeroshot":
-            continue
-        tried = {}
-        for lr in LR_GRID:
-            saved = RESULTS / "lr" / method / f"lr{lr:g}.json"
-            if not saved.exists() and not run:
-                break
-            flags = ("--tasks", ",".join(VALIDATION), "--method", method, "--data", str(root), "--lr", f"{lr:g}",
-                     "--seed", "0", *SCALE) if run else ()
-            tried[lr] = selection_score(run_once(flags, RUNS / "lr" / method / f"lr{lr:g}", saved))
-        if len(tried) == len(LR_GRID):
+        saved = [RESULTS / "lr" / method / f"lr{lr:g}.json" for lr in LR_GRID]
+        if all(path.exists() for path in saved):
+            tried = {lr: selection_score(json.loads(path.read_text())) for lr, path in zip(LR_GRID, saved)}
             rates[method] = (max(tried, key=lambda lr: (tried[lr], -lr)), tried)   # a tie goes to the lower rate
     return rates
 
 
-def run_all():
-    rates = chosen_rates()
+def run_all(workers):
+    run_parallel(rate_jobs(validation_root()), workers)
+    rates, jobs = chosen_rates(), []
     for experiment, (common, table) in EXPERIMENTS.items():
         for row, flags in table.items():
             lr = rates.get(method_of(flags))
-            for seed in SEEDS:
-                run_once((*common, *flags, *SCALE, "--seed", str(seed), *(("--lr", f"{lr[0]:g}") if lr else ())),
-                         RUNS / experiment / slug(row) / f"seed{seed}",
-                         RESULTS / experiment / slug(row) / f"seed{seed}.json")
+            jobs += [((*common, *flags, *SCALE, "--seed", str(seed), *(("--lr", f"{lr[0]:g}") if lr else ())),
+                      RUNS / experiment / slug(row) / f"seed{seed}",
+                      RESULTS / experiment / slug(row) / f"seed{seed}.json") for seed in SEEDS]
+    run_parallel(jobs, workers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,7 +240,7 @@ def unlearned(experiment):
 
 def tables():
     """{block name: its markdown}, every number from docs/results."""
-    rates = chosen_rates(run=False)
+    rates = chosen_rates()
     seconds = sum(json.loads(p.read_text()).get("seconds") or 0 for p in RESULTS.rglob("*.json"))
     blocks = {"rates": learning_table(rates),
               "cost": f"The runs in docs/results took {seconds / 3600:.1f} hours of this machine in all.",
@@ -252,9 +267,10 @@ def with_tables(readme, blocks):
 def main(argv=None):
     p = argparse.ArgumentParser(description="The README's benchmark: runs what is missing, then the tables.")
     p.add_argument("--tables", action="store_true", help="only rewrite the README's tables from docs/results")
+    p.add_argument("--workers", type=int, default=2, help="runs at a time, one thread each (default 2: one a core)")
     args = p.parse_args(argv)
     if not args.tables:
-        run_all()
+        run_all(args.workers)
     eval.write_atomic(README, with_tables(README.read_text(), tables()))
     print(f"README tables rewritten from {RESULTS.relative_to(ROOT)}")
 
