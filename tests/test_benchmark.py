@@ -37,7 +37,7 @@ def test_a_table_is_the_mean_and_sample_std_over_the_seeds(tmp_path, monkeypatch
                        "45.0 ± 7.1 | 15.0 ± 7.1 | 5.0 ± 0.0 | 10.0 ± 7.1 |"
     assert lines[3].startswith("| dirlora | – | 30.0 ± 0.0 |")
     # textvqa right after learning it: 60 against DirLoRA's 100, under 80%; scienceqa 80 against 80, learned
-    assert benchmark.unlearned("toy") == ["lora on textvqa: 60.0 (DirLoRA 100.0)"]
+    assert benchmark.unlearned("toy", "toy") == ["lora on textvqa: 60.0 (DirLoRA 100.0)"]
 
 
 def test_blocks_are_replaced_and_the_rest_kept():
