@@ -63,6 +63,13 @@ EXPERIMENTS = {
 }
 
 
+# rows trained exactly as a row of another experiment (same method, flags of training, rate and seed; they differ
+# only in what is evaluated): they take that run's stage adapters and only evaluate (training is bit-reproducible)
+SAME_TRAINING = {"diverse": {"lora": ("smolora", "lora"), "moelora": ("smolora", "moelora"),
+                             "smolora": ("smolora", "smolora"),
+                             "smolora, task routing": ("ablation", "vu,if,fusion, task")},
+                 "ablation": {"vu,if,fusion, sample": ("smolora", "smolora")}}
+
 # whose DirLoRA diagonal an experiment's rows must reach 80% of (the diverse wording is tested, not learned)
 LEARNING_REFERENCE = {"coin": "coin", "smolora": "smolora", "ablation": "smolora"}
 
@@ -96,12 +103,15 @@ def validation_root():
     return root
 
 
-def run_once(flags, out, saved):
+def run_once(flags, out, saved, trained=None):
     """Run `smolora.py flags` into out (resuming what is there; its output in out/log.txt) on one thread, and keep its
-    results.json (and routing.md) in `saved`. Returns the results; a run that fails is named and skipped."""
+    results.json (and routing.md) in `saved`. `trained`: a run folder whose stage adapters this run would train bit
+    for bit; they are copied in, and --resume then only evaluates. Returns the results; a failed run is named."""
     if saved.exists():
         return json.loads(saved.read_text())
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapters").mkdir(parents=True, exist_ok=True)
+    for stage in sorted(trained.glob("adapters/stage*.safetensors")) if trained else []:
+        shutil.copy(stage, out / "adapters" / stage.name)
     command = [sys.executable, str(ROOT / "smolora.py"), *flags, "--out", str(out), "--resume"]
     with open(out / "log.txt", "a") as log:
         failed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -147,14 +157,16 @@ def chosen_rates():
 
 def run_all(workers):
     run_parallel(rate_jobs(validation_root()), workers)
-    rates, jobs = chosen_rates(), []
+    rates, trains, evaluates = chosen_rates(), [], []
     for experiment, (common, table) in EXPERIMENTS.items():
         for row, flags in table.items():
-            lr = rates.get(method_of(flags))
-            jobs += [((*common, *flags, *SCALE, "--seed", str(seed), *(("--lr", f"{lr[0]:g}") if lr else ())),
-                      RUNS / experiment / slug(row) / f"seed{seed}",
-                      RESULTS / experiment / slug(row) / f"seed{seed}.json") for seed in SEEDS]
-    run_parallel(jobs, workers)
+            lr, source = rates.get(method_of(flags)), SAME_TRAINING.get(experiment, {}).get(row)
+            (evaluates if source else trains).extend(
+                ((*common, *flags, *SCALE, "--seed", str(seed), *(("--lr", f"{lr[0]:g}") if lr else ())),
+                 RUNS / experiment / slug(row) / f"seed{seed}", RESULTS / experiment / slug(row) / f"seed{seed}.json",
+                 source and RUNS / source[0] / slug(source[1]) / f"seed{seed}") for seed in SEEDS)
+    run_parallel(trains, workers)
+    run_parallel(evaluates, workers)   # after the runs whose adapters they take
 
 
 # ----------------------------------------------------------------------------------------------
