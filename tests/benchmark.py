@@ -230,19 +230,19 @@ def main_table(experiment, rates):
 
 
 def unseen_table(experiment):
-    header, lines = None, []
+    """Each row's final score on the unseen tasks, then on each few-shot task after k-shot tuning (– where none)."""
+    header, lines = (), []
     for row in EXPERIMENTS[experiment][1]:
         runs = seeds_of(experiment, row)
         if not runs or "unseen" not in runs[0]:
             continue
-        tasks = runs[0]["unseen"]["tasks"]
-        fewshot = [f"{task} {k}-shot" for task, shots in (runs[0].get("fewshot") or {}).items() for k in shots]
-        header = header or ("method", *tasks, *fewshot)
+        tasks, shots = runs[0]["unseen"]["tasks"], runs[0].get("fewshot") or {}
+        header = max(header, ("method", *tasks, *(f"{t} {k}-shot" for t, ks in shots.items() for k in ks)), key=len)
         cells = [mean_std([r["unseen"]["matrix"][-1][i] for r in runs]) for i in range(len(tasks))]
-        cells += [mean_std([r["fewshot"][task][k]["score"] for r in runs])
-                  for task, shots in (runs[0].get("fewshot") or {}).items() for k in shots]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |" + " –|" * (len(header) - 1 - len(cells)))
-    return table(header, lines) if header else ""
+        cells += [mean_std([r["fewshot"][t][k]["score"] for r in runs]) for t, ks in shots.items() for k in ks]
+        lines.append((row, cells))
+    return table(header, [f"| {row} | " + " | ".join(cells + ["–"] * (len(header) - 1 - len(cells))) + " |"
+                          for row, cells in lines]) if header else ""
 
 
 def learning_table(rates):
@@ -286,12 +286,12 @@ def tables():
     return blocks
 
 
-BLOCK = re.compile(r"(<!-- benchmark:([\w-]+) -->\n)(.*?)(\n<!-- /benchmark -->)", re.S)
+BLOCK = re.compile(r"(<!-- benchmark:([\w-]+) -->\n)(.*?)(<!-- /benchmark -->)", re.S)   # content: lines
 
 
 def with_tables(readme, blocks):
     """The README with every `<!-- benchmark:NAME -->` block's content replaced by blocks[NAME]."""
-    return BLOCK.sub(lambda m: m.group(1) + blocks[m.group(2)] + m.group(4), readme)
+    return BLOCK.sub(lambda m: m.group(1) + blocks[m.group(2)] + "\n" + m.group(4), readme)
 
 
 def main(argv=None):
