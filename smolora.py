@@ -343,12 +343,8 @@ def add_adapters(model, method, targets=None, **hparams):
 
 
 def instruction_embedding(model, input_ids, ins_mask):
-    """f(X_ins) (ours): the mean of the frozen input embeddings over the instruction's tokens, centred on the
-    vocabulary's mean embedding.  (B, d)  The default f, read from each sample's prompt (route_batch).
-
-    Centred because token embeddings share one large common direction (the tiny model's mean embedding is 3/4 of
-    a token's norm): uncentred, every instruction's mean points along it, and the IF router sent all of CoIN's
-    instructions to the same expert in every layer (README, "Results")."""
+    """f(X_ins) (ours): the mean of the frozen input embeddings over the instruction's tokens (B, d), centred on the
+    vocabulary's mean embedding: uncentred, all of CoIN's instructions went to one IF expert (README, "Results")."""
     table = model.get_input_embeddings()
     with torch.no_grad():
         centre = table.weight.mean(dim=0, dtype=torch.float32)     # mean_v e(v), with no fp32 copy of the table
@@ -368,9 +364,8 @@ def load_encoder(path):
 
 @torch.no_grad()
 def embed_instructions(model, processor, strings, encoder=None):
-    """f(X_ins) of instruction strings, each read alone  (N, d): the default f (instruction_embedding over the
-    string's tokens), or with `encoder` the official recipe, the mean of the sentence encoder's last hidden
-    states over the string's tokens."""
+    """f(X_ins) of instruction strings, each read alone (N, d): instruction_embedding, or with `encoder` the
+    official recipe, the sentence encoder's last hidden states mean-pooled."""
     if encoder is None:
         tokens = processor.tokenizer(strings, add_special_tokens=False, padding=True, return_tensors="pt")
         return instruction_embedding(model, tokens["input_ids"].to(model.device), tokens["attention_mask"].bool())
@@ -381,9 +376,8 @@ def embed_instructions(model, processor, strings, encoder=None):
 
 
 def with_instruction_embeddings(records, task, cfg, embed):
-    """The records, each given the f(X_ins) its IF router reads ("ins_embedding"), when that is not read from its
-    own prompt (the default): --if-routing task, the task's canonical instruction, whatever the sample's wording
-    (the official scheme: an oracle of the task's identity); --ins-encoder, the sample's own instruction."""
+    """The records with the f(X_ins) their IF router reads ("ins_embedding") unless read from the prompt (default):
+    --if-routing task: the task's canonical instruction (the official oracle); --ins-encoder: the sample's own."""
     if cfg["if_routing"] != "task" and not cfg["ins_encoder"]:
         return records
     keys = [data.canonical_instruction(task) if cfg["if_routing"] == "task" else r["instruction"] for r in records]
@@ -393,19 +387,16 @@ def with_instruction_embeddings(records, task, cfg, embed):
 
 
 def set_routing(model, mask, ins):
-    """Hand every SMoLoRA layer what its routers see: the attention mask (B, L) and f(X_ins) (B, d).
-
-    The projector's layers see the image tokens only, which carry no padding: they average over all of them.
-    """
+    """Hand every SMoLoRA layer what its routers see: the attention mask (B, L) and f(X_ins) (B, d); the projector's
+    layers see the image tokens only, which carry no padding: they average over all of them."""
     for name, module in model.named_modules():
         if isinstance(module, SMoLoRALinear):
             module.set_routing(None if "multi_modal_projector" in name else mask, ins)
 
 
 def route_batch(model, batch):
-    """set_routing from a collated batch (input_ids, attention_mask, ins_mask, and labels in training); nothing
-    to do without SMoLoRA. Avg(x) runs over the prompt alone, in training as at test, so a sample is trained
-    through the experts that will answer it (ours: the official code averages over the answer too)."""
+    """set_routing from a collated batch, if the model has SMoLoRA. Avg(x) runs over the prompt alone, in training
+    as at test, so a sample trains the experts that will answer it (ours: the official code includes the answer)."""
     if any(isinstance(m, SMoLoRALinear) for m in model.modules()):
         prompt = batch["attention_mask"]
         if "labels" in batch:
@@ -417,8 +408,7 @@ def route_batch(model, batch):
 
 @torch.no_grad()
 def routing_picks(model, processor, records, batch_size):
-    """Where SMoLoRA's routers send each record: per record, per SMoLoRA layer, the top expert of the VU pool
-    and of the IF pool, each numbered within its pool: nested lists (N, layers, 2), for eval.write_routing."""
+    """Per record, per SMoLoRA layer, the top VU and IF expert, numbered within its pool: (N, layers, 2) lists."""
     layers = [m for m in model.modules() if isinstance(m, SMoLoRALinear)]
     collate, picks, was_training = data.Collator(processor, train=False), [], model.training
     model.eval()   # no dropout: it would change what later layers' routers see
@@ -634,13 +624,6 @@ def ewc_penalty(model, fisher, anchor, lam):
                          for name, p in model.named_parameters() if name in fisher)
 
 
-def start_new_lora(model, done):
-    """olora: freeze every layer's LoRA as task `done`'s and start a fresh one."""
-    for module in model.modules():
-        if isinstance(module, OLoRALinear):
-            module.start_new_lora(done)
-
-
 def orthogonality_penalty(model, lam=1.0):
     """olora: lambda * L_orth summed over the adapted layers."""
     return lam * sum(m.orthogonality() for m in model.modules() if isinstance(m, OLoRALinear))
@@ -676,7 +659,9 @@ def olora_start(ctx, stage):
     """olora: from the second task, freeze the LoRA just tuned, start a new one, push it orthogonal."""
     if stage > 1:
         torch.manual_seed(ctx.cfg["seed"] + stage)                 # the new A's draws, also on resume
-        start_new_lora(ctx.model, stage - 1)
+        for module in ctx.model.modules():
+            if isinstance(module, OLoRALinear):
+                module.start_new_lora(stage - 1)
         return functools.partial(orthogonality_penalty, ctx.model, ctx.cfg["olora_lambda"])
 
 
@@ -969,11 +954,11 @@ def parse_fewshot(specs, tasks):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="smolora.py", description="Continual visual instruction tuning: tune a LLaVA model on tasks one "
-                                            "after another, evaluate every task after every stage.")
+    p = argparse.ArgumentParser(prog="smolora.py", description="Continual visual instruction tuning: tune a LLaVA "
+                                "model on tasks one after another, evaluate every task after every stage.")
     p.add_argument("--tasks", required=True, help="task names in training order, or coin (CoIN's 8) or smolora")
-    p.add_argument("--method", default="smolora", help=f"{' | '.join(METHODS)}; or several, comma-separated, or "
-                                                       f"'all': each run in <out>/<method>, compared in <out>")
+    p.add_argument("--method", default="smolora", help=f"{' | '.join(METHODS)}, or several (comma-separated) or "
+                   "'all': each run in <out>/<method>, compared in <out>")
     p.add_argument("--model", help="a LLaVA checkpoint folder or id (default: the tiny model, built once)")
     p.add_argument("--data", help="a CoIN-format data root (default: the synthetic mini-CoIN, made once)")
     p.add_argument("--out", help="the run folder (default: runs/<method>-<tasks>, or runs/compare-<tasks>)")
@@ -981,32 +966,28 @@ def parse_args(argv=None):
     p.add_argument("--cache", default=str(CACHE), help="the tiny model's and synthetic data's folder ($SMOLORA_CACHE)")
     p.add_argument("--seed", type=int, default=0, help="seed of adapter init, data order and dropout")
     p.add_argument("--epochs", type=float, help="passes over each task's training records")
-    p.add_argument("--lr", type=float, help="learning rate of the LLM's adapters (projector's: x0.2; default on a "
-                                            "real checkpoint: 1e-4 for smolora, 2e-4 for CoIN's and the others)")
+    p.add_argument("--lr", type=float, help="the LLM adapters' (projector's x0.2); --model: 1e-4 smolora, else 2e-4")
     p.add_argument("--batch-size", type=int, help="training (micro-)batch and evaluation batch size")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: 8 on a real checkpoint, "
-                                                  "for the papers' global batch of 64; 1 on the tiny model)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 8 with --model, else 1)")
     p.add_argument("--r", type=int, help="total adapter rank (olora: shared by the tasks, r/T each)")
     p.add_argument("--alpha", type=float, help="LoRA alpha: the scale is alpha / r")
     p.add_argument("--experts", type=int, help="number of experts (MoELoRA, SMoLoRA)")
     p.add_argument("--weight-decay", type=float, help="AdamW's (default 0.01 for smolora with --model, else 0)")
     p.add_argument("--top-k", type=int, default=1, help="experts kept per pool by SMoLoRA's routers (paper: 1)")
     p.add_argument("--smolora-parts", help="SMoLoRA's ablation: vu | if | vu,if | vu,if,fusion (default, the paper's)")
-    p.add_argument("--if-routing", choices=("sample", "task"), help="what SMoLoRA's IF router reads: sample (default) "
-                   "each sample's own instruction; task: its task's canonical one, by the task's identity (an oracle)")
-    p.add_argument("--ins-encoder", help="SMoLoRA: embed instructions with this transformers sentence encoder "
-                                         "(e.g. all-MiniLM-L6-v2's folder), mean-pooled, not the LLM's embeddings")
+    p.add_argument("--if-routing", choices=("sample", "task"), help="SMoLoRA's IF router reads the sample's own "
+                   "instruction (default) or its task's canonical one (an oracle of the task's identity)")
+    p.add_argument("--ins-encoder", help="SMoLoRA: embed instructions with this sentence encoder folder, mean-pooled")
     p.add_argument("--replay-ratio", type=float, default=REPLAY_RATIO, help="replay: memory samples per own record")
     p.add_argument("--ewc-lambda", type=float, default=EWC_LAMBDA, help="ewc: weight of the EWC penalty")
     p.add_argument("--olora-lambda", type=float, default=OLORA_LAMBDA, help="olora: weight of the orthogonality loss")
     p.add_argument("--unseen", help="comma-separated tasks never trained, evaluated after every stage (not in AP)")
-    p.add_argument("--fewshot", action="append", help="TASK:K[,K...], e.g. places365:5,10: after the last stage, tune "
-                   "1 epoch on K examples per class of an untrained task, from the final adapters; evaluate it apart")
+    p.add_argument("--fewshot", action="append", help="TASK:K[,K...]: after the last stage, tune the final adapters "
+                   "1 epoch on K examples per class of an untrained task; evaluate it apart")
     p.add_argument("--instructions", default="default", choices=("default", "diverse"),
                    help="diverse: evaluate with paraphrased instructions never trained on")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default bfloat16 on cuda, else float32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--max-train", type=int, help="use at most this many training records per task")
     p.add_argument("--max-test", type=int, help="evaluate on at most this many test records per task")
