@@ -127,7 +127,6 @@ class OLoRALinear(LoRALinear):
 
         h      = W0 x + sum_{j<t} s B_j A_j x + s B_t A_t x
         L_orth = sum_{j<t} sum |A_j A_t^T|       (the official code's L1; the paper writes the squared norm)
-
     The frozen LoRAs are stacked in buffers sized for all the run's tasks (zeros for those to come): one shape.
     """
 
@@ -608,9 +607,8 @@ def diagonal_fisher(model, processor, records):
 
 
 def consolidate(model, processor, records, seed, previous=None):
-    """ewc after a task: F gains the task's diagonal Fisher, on EWC_SAMPLES of its records drawn with the run's
-    seed (a real data file can be ordered by class), and theta* moves to the parameters just learned (online EWC,
-    Schwarz et al. 2018, one penalty for all earlier tasks). Returns (F, theta*)."""
+    """ewc after a task: (F, theta*), F plus the task's diagonal Fisher on EWC_SAMPLES seeded draws of its records,
+    theta* the parameters just learned (online EWC, Schwarz et al. 2018: one penalty for all earlier tasks)."""
     sample = random.Random(f"{seed}/fisher").sample(records, min(EWC_SAMPLES, len(records)))
     fisher = diagonal_fisher(model, processor, sample)
     if previous is not None:
@@ -644,11 +642,6 @@ class Method:
     report: Callable = lambda ctx: None         # (ctx) after the last stage
 
 
-def dirlora_answer(ctx, stage, i):
-    """dirlora: a trained task is answered by its own LoRA (the task identity), the others by the latest."""
-    return safetensors.torch.load_file(ctx.out / "adapters" / f"stage{i + 1}.safetensors") if i + 1 < stage else None
-
-
 def ewc_end(ctx, stage):
     """ewc: F and theta* for the tasks to come (recomputed when resumed)."""
     if stage < len(ctx.tasks):
@@ -679,7 +672,9 @@ METHODS = {
                         stages=lambda tasks: ["all tasks mixed"],       # batch_order mixes them
                         records=lambda ctx, stage: [r for t in ctx.tasks for r in ctx.train[t]]),
     "dirlora": Method("lora", "a fresh LoRA per task, each task answered by its own: needs the task identity at test",
-                      start=lambda ctx, stage: load_adapter_state_dict(ctx.model, ctx.fresh), answer=dirlora_answer),
+                      start=lambda ctx, stage: load_adapter_state_dict(ctx.model, ctx.fresh),
+                      answer=lambda ctx, stage, i: safetensors.torch.load_file(   # a trained task: its own LoRA
+                          ctx.out / "adapters" / f"stage{i + 1}.safetensors") if i + 1 < stage else None),
     "lora": Method("lora", "SeqLoRA: one LoRA tuned through the tasks in order"),
     "replay": Method("lora", "SeqLoRA with a memory of earlier tasks' training samples mixed into each later task",
                      records=lambda ctx, stage: replay_mix(ctx.train, ctx.tasks, stage, ctx.cfg["replay_ratio"],
@@ -724,19 +719,9 @@ def adapter_hparams(cfg, ins_dim=None):
         hparams.update(top_k=cfg["top_k"], parts=tuple(cfg["smolora_parts"].split(",")),
                        **({"ins_dim": ins_dim} if ins_dim else {}))
     if adapter == "olora":   # ours: rank r/T per task, the others' rank budget r shared, so the T A's can be orthogonal
-        T = len(cfg["tasks"])
-        rank = max(1, cfg["r"] // T)
-        hparams.update(r=rank, alpha=cfg["alpha"] * rank / cfg["r"], num_tasks=T)   # the same scale s = alpha / r
+        rank = max(1, cfg["r"] // len(cfg["tasks"]))            # the same scale s = alpha / r below
+        hparams.update(r=rank, alpha=cfg["alpha"] * rank / cfg["r"], num_tasks=len(cfg["tasks"]))
     return hparams
-
-
-def variant_note(cfg):
-    """What the report says of SMoLoRA's knobs where they leave the paper's full method routed per sample."""
-    said = [f"ablation: parts {cfg['smolora_parts']}"] if cfg["smolora_parts"] not in (None, "vu,if,fusion") else []
-    said += ["the IF router reads each task's canonical instruction, by its identity (an oracle, as officially)"
-             ] if cfg["if_routing"] == "task" else []
-    said += [f"f(X_ins) by the sentence encoder {cfg['ins_encoder']}"] if cfg["ins_encoder"] else []
-    return "".join(f"; {s}" for s in said)
 
 
 def prepare_out(cfg):
@@ -775,13 +760,11 @@ def train_stage(model, processor, records, cfg, stage, out, name, penalty=None, 
     accum = cfg["grad_accum"]
     steps = max(1, math.ceil(cfg["epochs"] * len(records) / (cfg["batch_size"] * accum)))   # optimizer steps
     batches = batch_order(len(records), cfg["batch_size"], steps * accum, cfg["seed"] + stage)
-    llm, projector = [], []
-    for parameter_name, p in model.named_parameters():
-        if p.requires_grad:
-            (projector if "multi_modal_projector" in parameter_name else llm).append(p)
-    optimizer = torch.optim.AdamW([{"params": llm, "lr": cfg["lr"]},
-                                   {"params": projector, "lr": cfg["lr"] * PROJECTOR_LR_FACTOR}],
-                                  weight_decay=cfg["weight_decay"])
+    tuned = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for n, p in tuned if "multi_modal_projector" not in n],
+                                    "lr": cfg["lr"]},
+                                   {"params": [p for n, p in tuned if "multi_modal_projector" in n],
+                                    "lr": cfg["lr"] * PROJECTOR_LR_FACTOR}], weight_decay=cfg["weight_decay"])
     schedule = cosine_with_warmup(optimizer, steps)
     torch.manual_seed(cfg["seed"] + stage)          # adapter dropout: the same draws on every run
     checkpoint, start = out / "checkpoint.pt", 0
@@ -867,8 +850,13 @@ def run(cfg, progress=True):
     def empty(columns):
         return {"tasks": list(columns), "matrix": [[None] * len(columns) for _ in range(len(stages) + 1)],
                 "mif": [[None] * len(columns) for _ in range(len(stages) + 1)]}
+    notes = [method.notes,    # and SMoLoRA's knobs where they leave the paper's full method, routed per sample
+             cfg["smolora_parts"] not in (None, "vu,if,fusion") and f"ablation: parts {cfg['smolora_parts']}",
+             cfg["if_routing"] == "task" and "the IF router reads each task's canonical instruction, by its identity "
+                                             "(an oracle, as officially)",
+             cfg["ins_encoder"] and f"f(X_ins) by the sentence encoder {cfg['ins_encoder']}"]
     results = {"method": cfg["method"], **empty(tasks), "config": cfg, "stages": stages,
-               "notes": method.notes + variant_note(cfg), "seconds": None,
+               "notes": "; ".join(filter(None, notes)), "seconds": None,
                **({"unseen": empty(unseen)} if unseen else {})}
     previous = out / "results.json"       # a resumed run's time so far counts
     earlier_seconds = cfg["resume"] and previous.exists() and json.loads(previous.read_text()).get("seconds") or 0
