@@ -73,18 +73,16 @@ class LoRALinear(nn.Module):
         return W - self.delta_weight()                             # W0 = W - s B A
 
     @torch.no_grad()
-    def merge(self):
-        """W0 -> W, the update folded in: the layer then costs what the plain linear costs."""
-        if not self.merged:
-            self.base.weight.copy_(self.merged_weight(self.base.weight.float()).to(self.base.weight.dtype))
-            self.merged = True
+    def merge(self, merged=True):
+        """W0 -> W, the update folded in: the layer then costs what the plain linear costs; merge(False): W -> W0."""
+        if self.merged != merged:
+            fold = self.merged_weight if merged else self.unmerged_weight
+            self.base.weight.copy_(fold(self.base.weight.float()).to(self.base.weight.dtype))
+            self.merged = merged
 
-    @torch.no_grad()
     def unmerge(self):
         """W -> W0: back to the frozen weight, the adapter separate again."""
-        if self.merged:
-            self.base.weight.copy_(self.unmerged_weight(self.base.weight.float()).to(self.base.weight.dtype))
-            self.merged = False
+        self.merge(False)
 
 
 class DoRALinear(LoRALinear):
@@ -982,17 +980,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_device(device, dtype):
-    """Refuse a --device this machine lacks or a --dtype it cannot compute in (a CPU computes in all three)."""
-    cuda = re.fullmatch(r"cuda(:\d+)?", device)
-    if not (cuda or device == "cpu") or cuda and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} is not allowed: choose cpu, or cuda or cuda:N on a machine with CUDA "
-                         f"(this one has {'' if torch.cuda.is_available() else 'no '}CUDA)")
-    if cuda and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"--dtype bfloat16 is not allowed on {torch.cuda.get_device_name(device)}, which cannot "
-                         f"compute in it: choose float16 or float32")
-
-
 def make_config(args, method=None):
     """The configuration of the run of `method`, one of --method (default the first): flags given, else the
     defaults for a real checkpoint or the tiny model. With several methods, each runs in <out>/<method>."""
@@ -1005,7 +992,13 @@ def make_config(args, method=None):
     defaults = (SMOLORA_PAPER_DEFAULTS if method == "smolora" else PAPER_DEFAULTS) if args.model else TINY_DEFAULTS
     cfg = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    check_device(args.device, dtype)
+    cuda = re.fullmatch(r"cuda(:\d+)?", args.device)   # a CPU computes in all three dtypes
+    if not (cuda or args.device == "cpu") or cuda and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} is not allowed: choose cpu, or cuda or cuda:N on a machine with "
+                         f"CUDA (this one has {'' if torch.cuda.is_available() else 'no '}CUDA)")
+    if cuda and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--dtype bfloat16 is not allowed on {torch.cuda.get_device_name(args.device)}, which "
+                         f"cannot compute in it: choose float16 or float32")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is not allowed: it is a file; give a folder for the run")
     for name in ("epochs", "lr", "batch_size", "grad_accum", "r", "alpha", "experts", "top_k", "max_train",
@@ -1023,22 +1016,23 @@ def make_config(args, method=None):
     if tuple(parts.split(",")) not in SMOLORA_PARTS:
         raise ValueError(f"--smolora-parts {parts!r} is not allowed: choose "
                          f"{' | '.join(','.join(p) for p in SMOLORA_PARTS)}")
+    smolora = method == "smolora"
     variant = [parts.replace(",", "+") if parts != "vu,if,fusion" else "", args.if_routing == "task" and "task-routing",
-               args.ins_encoder and "encoder"] if method == "smolora" else []    # a SMoLoRA variant: its own folder
+               args.ins_encoder and "encoder"] if smolora else []    # a SMoLoRA variant: its own folder
     out = args.out or f"runs/{'-'.join([method, *filter(None, variant)])}-{'-'.join(tasks)}"
     if len(methods) > 1:
         out = Path(args.out or f"runs/compare-{'-'.join(tasks)}") / method
     return {"method": method, "tasks": tasks, "model": args.model,
-            "data": str(Path(args.data).resolve()) if args.data else None,
-            "out": str(out), "resume": args.resume, "cache": args.cache,
-            "seed": args.seed, **cfg, "top_k": args.top_k, "max_train": args.max_train, "max_test": args.max_test,
-            "replay_ratio": args.replay_ratio if method == "replay" else None,     # only the method's own knobs,
-            "ewc_lambda": args.ewc_lambda if method == "ewc" else None,             # so they name its run
+            "data": str(Path(args.data).resolve()) if args.data else None, "out": str(out), "resume": args.resume,
+            "cache": args.cache, "seed": args.seed, **cfg, "top_k": args.top_k, "max_train": args.max_train,
+            "max_test": args.max_test,   # then only the method's own knobs, so that they name its run
+            "replay_ratio": args.replay_ratio if method == "replay" else None,
+            "ewc_lambda": args.ewc_lambda if method == "ewc" else None,
             "olora_lambda": args.olora_lambda if method == "olora" else None,
             "unseen": unseen, "instructions": args.instructions, "fewshot": parse_fewshot(args.fewshot, tasks),
-            "smolora_parts": parts if method == "smolora" else None,
-            "if_routing": (args.if_routing or "sample") if method == "smolora" else None,
-            "ins_encoder": args.ins_encoder if method == "smolora" else None,
+            "smolora_parts": parts if smolora else None,
+            "if_routing": (args.if_routing or "sample") if smolora else None,
+            "ins_encoder": args.ins_encoder if smolora else None,
             "device": args.device, "dtype": dtype, "grad_checkpointing": args.grad_checkpointing}
 
 
