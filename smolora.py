@@ -327,15 +327,12 @@ def add_adapters(model, method, targets=None, **hparams):
     if method == "smolora":
         hparams.setdefault("ins_dim", model.get_input_embeddings().embedding_dim)
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        adapter = ADAPTERS[method](getattr(parent, child), **hparams)
+        adapter = ADAPTERS[method](model.get_submodule(name), **hparams)
         if method == "smolora":   # top-1 routers get no gradient (see SMoLoRALinear): keep them out of the optimizer
             adapter.vu_router.requires_grad_(adapter.top_k > 1)
             adapter.if_router.requires_grad_(adapter.top_k > 1)
-        adapter.base.requires_grad_(False)
         adapter.train(adapter.base.training)   # a new module starts in training mode: follow the model's
-        setattr(parent, child, adapter)
+        model.set_submodule(name, adapter)
     return names
 
 
@@ -422,13 +419,9 @@ def routing_picks(model, processor, records, batch_size):
 
 def adapter_state_dict(model):
     """Only the adapter tensors (experts, routers, fusion vectors), keyed by their full names."""
-    state = {}
-    for name, module in model.named_modules():
-        if isinstance(module, tuple(ADAPTERS.values())):
-            for key, tensor in module.state_dict().items():
-                if not key.startswith("base."):
-                    state[f"{name}.{key}"] = tensor.detach().clone()
-    return state
+    return {f"{name}.{key}": tensor.detach().clone() for name, module in model.named_modules()
+            if isinstance(module, tuple(ADAPTERS.values()))
+            for key, tensor in module.state_dict().items() if not key.startswith("base.")}
 
 
 def load_adapter_state_dict(model, state):
