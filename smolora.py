@@ -88,18 +88,16 @@ class LoRALinear(nn.Module):
 class DoRALinear(LoRALinear):
     """DoRA (Liu et al. 2024, weight-decomposed LoRA): the LoRA-updated weight split into a learned magnitude per
     output row and a direction, its norm a constant in the backward pass (DoRA section 4.3, as PEFT):
-
         W' = m * (W0 + s B A) / ||W0 + s B A||,   m (out,) initialised to ||W0|| per row, so W' = W0 at init
-        h  = W' x + b,  computed as PEFT does: W0 x + b + (m/n - 1) W0 dropout(x) + (m/n) s B A dropout(x)
-    """
+        h  = W' x + b,  computed as PEFT does: W0 x + b + (m/n - 1) W0 dropout(x) + (m/n) s B A dropout(x)"""
 
     def __init__(self, base: nn.Linear, r=8, alpha=16, dropout=0.0):
         super().__init__(base, r, alpha, dropout)
         self.magnitude = nn.Parameter(base.weight.detach().float().norm(dim=1))      # m = ||W0|| per row (out,)
 
+    @torch.no_grad()              # detached: a constant in the backward pass
     def weight_norm(self):
-        with torch.no_grad():     # detached: a constant in the backward pass
-            return (self.base.weight.float() + self.delta_weight()).norm(dim=1)       # n = ||W0 + s B A|| (out,)
+        return (self.base.weight.float() + self.delta_weight()).norm(dim=1)           # n = ||W0 + s B A|| (out,)
 
     def forward(self, x):
         h = self.base(x)                                                   # W0 x + b            (B, L, out)
@@ -122,11 +120,9 @@ class DoRALinear(LoRALinear):
 class OLoRALinear(LoRALinear):
     """O-LoRA (Wang et al. 2023, orthogonal subspace learning): each task tunes a new LoRA; the earlier tasks'
     LoRAs stay in the model, frozen, and the new A is pushed out of the row space of theirs.
-
         h      = W0 x + sum_{j<t} s B_j A_j x + s B_t A_t x
         L_orth = sum_{j<t} sum |A_j A_t^T|       (the official code's L1; the paper writes the squared norm)
-    The frozen LoRAs are stacked in buffers sized for all the run's tasks (zeros for those to come): one shape.
-    """
+    The frozen LoRAs are stacked in buffers sized for all the run's tasks (zeros for those to come): one shape."""
 
     def __init__(self, base: nn.Linear, r=8, alpha=16, dropout=0.0, num_tasks=1):
         super().__init__(base, r, alpha, dropout)
@@ -201,19 +197,16 @@ def pick(stacked, experts):
 
 class SMoLoRALinear(nn.Module):
     """SMoLoRA: a separable mixture of LoRA, two pools of E/2 experts and two routers (DESIGN.md 2.3).
-
     Experts [0, E/2) form the visual-understanding (VU) pool, [E/2, E) the instruction-following (IF) pool.
         G_vu = softmax(top_k(R_vu . Avg(x)))              per sample; Avg over this layer's input
         G_if = softmax(top_k(R_if . f(X_ins)))            per sample; f the instruction embedding
         x_vu = sum_{i in VU} G_vu,i * s * B_i A_i x       x_if likewise over the IF pool
         [alpha_t, beta_t] = softmax([I_vu . x_vu, I_if . x_if])        per token ("adaptive fusion")
         h = W0 x + alpha_t * x_vu + beta_t * x_if
-
     The paper's ablation (`parts`): vu: h = W0 x + x_vu, if: h = W0 x + x_if (the other pool unused, untrained);
     vu,if: h = W0 x + x_vu + x_if; vu,if,fusion: the full method above.
     With top_k = 1 (the paper's) the softmax over one kept logit is the constant 1, so R_vu and R_if get no
-    gradient: they stay the random projections they were initialised as, as officially; top_k >= 2 trains them.
-    """
+    gradient: they stay the random projections they were initialised as, as officially; top_k >= 2 trains them."""
 
     def __init__(self, base: nn.Linear, r=128, alpha=256, num_experts=8, top_k=1, ins_dim=None,
                  dropout=0.05, parts=SMOLORA_PARTS[-1]):
