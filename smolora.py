@@ -382,12 +382,11 @@ def set_routing(model, mask, ins):
 
 
 def route_batch(model, batch):
-    """set_routing from a collated batch, if the model has SMoLoRA. Avg(x) runs over the prompt alone, in training
-    as at test, so a sample trains the experts that will answer it (ours: the official code includes the answer)."""
+    """set_routing from a collated batch, if the model has SMoLoRA. Avg(x) runs over the prompt alone (not the answer
+    nor EOS) in training as at test: a sample trains the experts that answer it (ours; officially the answer too)."""
     if any(isinstance(m, SMoLoRALinear) for m in model.modules()):
-        prompt = batch["attention_mask"]
-        if "labels" in batch:
-            prompt = prompt * (batch["labels"] == -100)                # not the answer tokens nor EOS
+        mask = batch["attention_mask"]
+        prompt = mask * (batch["labels"] == -100) if "labels" in batch else mask
         ins = batch.get("ins_embedding")                               # given by with_instruction_embeddings
         set_routing(model, prompt, instruction_embedding(model, batch["input_ids"], batch["ins_mask"])
                     if ins is None else ins)
