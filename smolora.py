@@ -457,8 +457,7 @@ def pretrain_tiny_model(path, seed=0, progress=True):
     Every batch is a fresh draw of scenes, so the model learns to read and locate rather than memorise."""
     torch.manual_seed(seed)
     processor = data.build_processor()
-    model = build_tiny_model(processor)
-    collate = data.Collator(processor, train=True)
+    model, collate = build_tiny_model(processor), data.Collator(processor, train=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.0)
     schedule = cosine_with_warmup(optimizer, PRETRAIN["steps"])
     model.train()
