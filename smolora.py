@@ -73,35 +73,31 @@ class LoRALinear(nn.Module):
         return W - self.delta_weight()                             # W0 = W - s B A
 
     @torch.no_grad()
-    def merge(self):
-        """W0 -> W, the update folded in: the layer then costs what the plain linear costs."""
-        if not self.merged:
-            self.base.weight.copy_(self.merged_weight(self.base.weight.float()).to(self.base.weight.dtype))
-            self.merged = True
+    def merge(self, merged=True):
+        """W0 -> W, the update folded in: the layer then costs what the plain linear costs; merge(False): W -> W0."""
+        if self.merged != merged:
+            fold = self.merged_weight if merged else self.unmerged_weight
+            self.base.weight.copy_(fold(self.base.weight.float()).to(self.base.weight.dtype))
+            self.merged = merged
 
-    @torch.no_grad()
     def unmerge(self):
         """W -> W0: back to the frozen weight, the adapter separate again."""
-        if self.merged:
-            self.base.weight.copy_(self.unmerged_weight(self.base.weight.float()).to(self.base.weight.dtype))
-            self.merged = False
+        self.merge(False)
 
 
 class DoRALinear(LoRALinear):
     """DoRA (Liu et al. 2024, weight-decomposed LoRA): the LoRA-updated weight split into a learned magnitude per
     output row and a direction, its norm a constant in the backward pass (DoRA section 4.3, as PEFT):
-
         W' = m * (W0 + s B A) / ||W0 + s B A||,   m (out,) initialised to ||W0|| per row, so W' = W0 at init
-        h  = W' x + b,  computed as PEFT does: W0 x + b + (m/n - 1) W0 dropout(x) + (m/n) s B A dropout(x)
-    """
+        h  = W' x + b,  computed as PEFT does: W0 x + b + (m/n - 1) W0 dropout(x) + (m/n) s B A dropout(x)"""
 
     def __init__(self, base: nn.Linear, r=8, alpha=16, dropout=0.0):
         super().__init__(base, r, alpha, dropout)
         self.magnitude = nn.Parameter(base.weight.detach().float().norm(dim=1))      # m = ||W0|| per row (out,)
 
+    @torch.no_grad()              # detached: a constant in the backward pass
     def weight_norm(self):
-        with torch.no_grad():     # detached: a constant in the backward pass
-            return (self.base.weight.float() + self.delta_weight()).norm(dim=1)       # n = ||W0 + s B A|| (out,)
+        return (self.base.weight.float() + self.delta_weight()).norm(dim=1)           # n = ||W0 + s B A|| (out,)
 
     def forward(self, x):
         h = self.base(x)                                                   # W0 x + b            (B, L, out)
@@ -124,12 +120,9 @@ class DoRALinear(LoRALinear):
 class OLoRALinear(LoRALinear):
     """O-LoRA (Wang et al. 2023, orthogonal subspace learning): each task tunes a new LoRA; the earlier tasks'
     LoRAs stay in the model, frozen, and the new A is pushed out of the row space of theirs.
-
         h      = W0 x + sum_{j<t} s B_j A_j x + s B_t A_t x
         L_orth = sum_{j<t} sum |A_j A_t^T|       (the official code's L1; the paper writes the squared norm)
-
-    The frozen LoRAs are stacked in buffers sized for all the run's tasks (zeros for those to come): one shape.
-    """
+    The frozen LoRAs are stacked in buffers sized for all the run's tasks (zeros for those to come): one shape."""
 
     def __init__(self, base: nn.Linear, r=8, alpha=16, dropout=0.0, num_tasks=1):
         super().__init__(base, r, alpha, dropout)
@@ -204,19 +197,16 @@ def pick(stacked, experts):
 
 class SMoLoRALinear(nn.Module):
     """SMoLoRA: a separable mixture of LoRA, two pools of E/2 experts and two routers (DESIGN.md 2.3).
-
     Experts [0, E/2) form the visual-understanding (VU) pool, [E/2, E) the instruction-following (IF) pool.
         G_vu = softmax(top_k(R_vu . Avg(x)))              per sample; Avg over this layer's input
         G_if = softmax(top_k(R_if . f(X_ins)))            per sample; f the instruction embedding
         x_vu = sum_{i in VU} G_vu,i * s * B_i A_i x       x_if likewise over the IF pool
         [alpha_t, beta_t] = softmax([I_vu . x_vu, I_if . x_if])        per token ("adaptive fusion")
         h = W0 x + alpha_t * x_vu + beta_t * x_if
-
     The paper's ablation (`parts`): vu: h = W0 x + x_vu, if: h = W0 x + x_if (the other pool unused, untrained);
     vu,if: h = W0 x + x_vu + x_if; vu,if,fusion: the full method above.
     With top_k = 1 (the paper's) the softmax over one kept logit is the constant 1, so R_vu and R_if get no
-    gradient: they stay the random projections they were initialised as, as officially; top_k >= 2 trains them.
-    """
+    gradient: they stay the random projections they were initialised as, as officially; top_k >= 2 trains them."""
 
     def __init__(self, base: nn.Linear, r=128, alpha=256, num_experts=8, top_k=1, ins_dim=None,
                  dropout=0.05, parts=SMOLORA_PARTS[-1]):
@@ -330,25 +320,18 @@ def add_adapters(model, method, targets=None, **hparams):
     if method == "smolora":
         hparams.setdefault("ins_dim", model.get_input_embeddings().embedding_dim)
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        adapter = ADAPTERS[method](getattr(parent, child), **hparams)
+        adapter = ADAPTERS[method](model.get_submodule(name), **hparams)
         if method == "smolora":   # top-1 routers get no gradient (see SMoLoRALinear): keep them out of the optimizer
             adapter.vu_router.requires_grad_(adapter.top_k > 1)
             adapter.if_router.requires_grad_(adapter.top_k > 1)
-        adapter.base.requires_grad_(False)
         adapter.train(adapter.base.training)   # a new module starts in training mode: follow the model's
-        setattr(parent, child, adapter)
+        model.set_submodule(name, adapter)
     return names
 
 
 def instruction_embedding(model, input_ids, ins_mask):
-    """f(X_ins) (ours): the mean of the frozen input embeddings over the instruction's tokens, centred on the
-    vocabulary's mean embedding.  (B, d)  The default f, read from each sample's prompt (route_batch).
-
-    Centred because token embeddings share one large common direction (the tiny model's mean embedding is 3/4 of
-    a token's norm): uncentred, every instruction's mean points along it, and the IF router sent all of CoIN's
-    instructions to the same expert in every layer (README, "Results")."""
+    """f(X_ins) (ours): the mean of the frozen input embeddings over the instruction's tokens (B, d), centred on the
+    vocabulary's mean embedding: uncentred, all of CoIN's instructions went to one IF expert (README, "Results")."""
     table = model.get_input_embeddings()
     with torch.no_grad():
         centre = table.weight.mean(dim=0, dtype=torch.float32)     # mean_v e(v), with no fp32 copy of the table
@@ -368,9 +351,8 @@ def load_encoder(path):
 
 @torch.no_grad()
 def embed_instructions(model, processor, strings, encoder=None):
-    """f(X_ins) of instruction strings, each read alone  (N, d): the default f (instruction_embedding over the
-    string's tokens), or with `encoder` the official recipe, the mean of the sentence encoder's last hidden
-    states over the string's tokens."""
+    """f(X_ins) of instruction strings, each read alone (N, d): instruction_embedding, or with `encoder` the
+    official recipe, the sentence encoder's last hidden states mean-pooled."""
     if encoder is None:
         tokens = processor.tokenizer(strings, add_special_tokens=False, padding=True, return_tensors="pt")
         return instruction_embedding(model, tokens["input_ids"].to(model.device), tokens["attention_mask"].bool())
@@ -381,9 +363,8 @@ def embed_instructions(model, processor, strings, encoder=None):
 
 
 def with_instruction_embeddings(records, task, cfg, embed):
-    """The records, each given the f(X_ins) its IF router reads ("ins_embedding"), when that is not read from its
-    own prompt (the default): --if-routing task, the task's canonical instruction, whatever the sample's wording
-    (the official scheme: an oracle of the task's identity); --ins-encoder, the sample's own instruction."""
+    """The records with the f(X_ins) their IF router reads ("ins_embedding") unless read from the prompt (default):
+    --if-routing task: the task's canonical instruction (the official oracle); --ins-encoder: the sample's own."""
     if cfg["if_routing"] != "task" and not cfg["ins_encoder"]:
         return records
     keys = [data.canonical_instruction(task) if cfg["if_routing"] == "task" else r["instruction"] for r in records]
@@ -393,23 +374,19 @@ def with_instruction_embeddings(records, task, cfg, embed):
 
 
 def set_routing(model, mask, ins):
-    """Hand every SMoLoRA layer what its routers see: the attention mask (B, L) and f(X_ins) (B, d).
-
-    The projector's layers see the image tokens only, which carry no padding: they average over all of them.
-    """
+    """Hand every SMoLoRA layer what its routers see: the attention mask (B, L) and f(X_ins) (B, d); the projector's
+    layers see the image tokens only, which carry no padding: they average over all of them."""
     for name, module in model.named_modules():
         if isinstance(module, SMoLoRALinear):
             module.set_routing(None if "multi_modal_projector" in name else mask, ins)
 
 
 def route_batch(model, batch):
-    """set_routing from a collated batch (input_ids, attention_mask, ins_mask, and labels in training); nothing
-    to do without SMoLoRA. Avg(x) runs over the prompt alone, in training as at test, so a sample is trained
-    through the experts that will answer it (ours: the official code averages over the answer too)."""
+    """set_routing from a collated batch, if the model has SMoLoRA. Avg(x) runs over the prompt alone (not the answer
+    nor EOS) in training as at test: a sample trains the experts that answer it (ours; officially the answer too)."""
     if any(isinstance(m, SMoLoRALinear) for m in model.modules()):
-        prompt = batch["attention_mask"]
-        if "labels" in batch:
-            prompt = prompt * (batch["labels"] == -100)                # not the answer tokens nor EOS
+        mask = batch["attention_mask"]
+        prompt = mask * (batch["labels"] == -100) if "labels" in batch else mask
         ins = batch.get("ins_embedding")                               # given by with_instruction_embeddings
         set_routing(model, prompt, instruction_embedding(model, batch["input_ids"], batch["ins_mask"])
                     if ins is None else ins)
@@ -417,8 +394,7 @@ def route_batch(model, batch):
 
 @torch.no_grad()
 def routing_picks(model, processor, records, batch_size):
-    """Where SMoLoRA's routers send each record: per record, per SMoLoRA layer, the top expert of the VU pool
-    and of the IF pool, each numbered within its pool: nested lists (N, layers, 2), for eval.write_routing."""
+    """Per record, per SMoLoRA layer, the top VU and IF expert, numbered within its pool: (N, layers, 2) lists."""
     layers = [m for m in model.modules() if isinstance(m, SMoLoRALinear)]
     collate, picks, was_training = data.Collator(processor, train=False), [], model.training
     model.eval()   # no dropout: it would change what later layers' routers see
@@ -435,13 +411,9 @@ def routing_picks(model, processor, records, batch_size):
 
 def adapter_state_dict(model):
     """Only the adapter tensors (experts, routers, fusion vectors), keyed by their full names."""
-    state = {}
-    for name, module in model.named_modules():
-        if isinstance(module, tuple(ADAPTERS.values())):
-            for key, tensor in module.state_dict().items():
-                if not key.startswith("base."):
-                    state[f"{name}.{key}"] = tensor.detach().clone()
-    return state
+    return {f"{name}.{key}": tensor.detach().clone() for name, module in model.named_modules()
+            if isinstance(module, tuple(ADAPTERS.values()))
+            for key, tensor in module.state_dict().items() if not key.startswith("base.")}
 
 
 def load_adapter_state_dict(model, state):
@@ -485,8 +457,7 @@ def pretrain_tiny_model(path, seed=0, progress=True):
     Every batch is a fresh draw of scenes, so the model learns to read and locate rather than memorise."""
     torch.manual_seed(seed)
     processor = data.build_processor()
-    model = build_tiny_model(processor)
-    collate = data.Collator(processor, train=True)
+    model, collate = build_tiny_model(processor), data.Collator(processor, train=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.0)
     schedule = cosine_with_warmup(optimizer, PRETRAIN["steps"])
     model.train()
@@ -618,9 +589,8 @@ def diagonal_fisher(model, processor, records):
 
 
 def consolidate(model, processor, records, seed, previous=None):
-    """ewc after a task: F gains the task's diagonal Fisher, on EWC_SAMPLES of its records drawn with the run's
-    seed (a real data file can be ordered by class), and theta* moves to the parameters just learned (online EWC,
-    Schwarz et al. 2018, one penalty for all earlier tasks). Returns (F, theta*)."""
+    """ewc after a task: (F, theta*), F plus the task's diagonal Fisher on EWC_SAMPLES seeded draws of its records,
+    theta* the parameters just learned (online EWC, Schwarz et al. 2018: one penalty for all earlier tasks)."""
     sample = random.Random(f"{seed}/fisher").sample(records, min(EWC_SAMPLES, len(records)))
     fisher = diagonal_fisher(model, processor, sample)
     if previous is not None:
@@ -632,13 +602,6 @@ def ewc_penalty(model, fisher, anchor, lam):
     """ewc (Kirkpatrick et al. 2017): (lambda/2) sum_k F_k (theta_k - theta*_k)^2 over the adapter parameters."""
     return lam / 2 * sum((fisher[name] * (p - anchor[name]) ** 2).sum()
                          for name, p in model.named_parameters() if name in fisher)
-
-
-def start_new_lora(model, done):
-    """olora: freeze every layer's LoRA as task `done`'s and start a fresh one."""
-    for module in model.modules():
-        if isinstance(module, OLoRALinear):
-            module.start_new_lora(done)
 
 
 def orthogonality_penalty(model, lam=1.0):
@@ -661,11 +624,6 @@ class Method:
     report: Callable = lambda ctx: None         # (ctx) after the last stage
 
 
-def dirlora_answer(ctx, stage, i):
-    """dirlora: a trained task is answered by its own LoRA (the task identity), the others by the latest."""
-    return safetensors.torch.load_file(ctx.out / "adapters" / f"stage{i + 1}.safetensors") if i + 1 < stage else None
-
-
 def ewc_end(ctx, stage):
     """ewc: F and theta* for the tasks to come (recomputed when resumed)."""
     if stage < len(ctx.tasks):
@@ -676,7 +634,9 @@ def olora_start(ctx, stage):
     """olora: from the second task, freeze the LoRA just tuned, start a new one, push it orthogonal."""
     if stage > 1:
         torch.manual_seed(ctx.cfg["seed"] + stage)                 # the new A's draws, also on resume
-        start_new_lora(ctx.model, stage - 1)
+        for module in ctx.model.modules():
+            if isinstance(module, OLoRALinear):
+                module.start_new_lora(stage - 1)
         return functools.partial(orthogonality_penalty, ctx.model, ctx.cfg["olora_lambda"])
 
 
@@ -694,7 +654,9 @@ METHODS = {
                         stages=lambda tasks: ["all tasks mixed"],       # batch_order mixes them
                         records=lambda ctx, stage: [r for t in ctx.tasks for r in ctx.train[t]]),
     "dirlora": Method("lora", "a fresh LoRA per task, each task answered by its own: needs the task identity at test",
-                      start=lambda ctx, stage: load_adapter_state_dict(ctx.model, ctx.fresh), answer=dirlora_answer),
+                      start=lambda ctx, stage: load_adapter_state_dict(ctx.model, ctx.fresh),
+                      answer=lambda ctx, stage, i: safetensors.torch.load_file(   # a trained task: its own LoRA
+                          ctx.out / "adapters" / f"stage{i + 1}.safetensors") if i + 1 < stage else None),
     "lora": Method("lora", "SeqLoRA: one LoRA tuned through the tasks in order"),
     "replay": Method("lora", "SeqLoRA with a memory of earlier tasks' training samples mixed into each later task",
                      records=lambda ctx, stage: replay_mix(ctx.train, ctx.tasks, stage, ctx.cfg["replay_ratio"],
@@ -739,19 +701,9 @@ def adapter_hparams(cfg, ins_dim=None):
         hparams.update(top_k=cfg["top_k"], parts=tuple(cfg["smolora_parts"].split(",")),
                        **({"ins_dim": ins_dim} if ins_dim else {}))
     if adapter == "olora":   # ours: rank r/T per task, the others' rank budget r shared, so the T A's can be orthogonal
-        T = len(cfg["tasks"])
-        rank = max(1, cfg["r"] // T)
-        hparams.update(r=rank, alpha=cfg["alpha"] * rank / cfg["r"], num_tasks=T)   # the same scale s = alpha / r
+        rank = max(1, cfg["r"] // len(cfg["tasks"]))            # the same scale s = alpha / r below
+        hparams.update(r=rank, alpha=cfg["alpha"] * rank / cfg["r"], num_tasks=len(cfg["tasks"]))
     return hparams
-
-
-def variant_note(cfg):
-    """What the report says of SMoLoRA's knobs where they leave the paper's full method routed per sample."""
-    said = [f"ablation: parts {cfg['smolora_parts']}"] if cfg["smolora_parts"] not in (None, "vu,if,fusion") else []
-    said += ["the IF router reads each task's canonical instruction, by its identity (an oracle, as officially)"
-             ] if cfg["if_routing"] == "task" else []
-    said += [f"f(X_ins) by the sentence encoder {cfg['ins_encoder']}"] if cfg["ins_encoder"] else []
-    return "".join(f"; {s}" for s in said)
 
 
 def prepare_out(cfg):
@@ -790,13 +742,11 @@ def train_stage(model, processor, records, cfg, stage, out, name, penalty=None, 
     accum = cfg["grad_accum"]
     steps = max(1, math.ceil(cfg["epochs"] * len(records) / (cfg["batch_size"] * accum)))   # optimizer steps
     batches = batch_order(len(records), cfg["batch_size"], steps * accum, cfg["seed"] + stage)
-    llm, projector = [], []
-    for parameter_name, p in model.named_parameters():
-        if p.requires_grad:
-            (projector if "multi_modal_projector" in parameter_name else llm).append(p)
-    optimizer = torch.optim.AdamW([{"params": llm, "lr": cfg["lr"]},
-                                   {"params": projector, "lr": cfg["lr"] * PROJECTOR_LR_FACTOR}],
-                                  weight_decay=cfg["weight_decay"])
+    tuned = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for n, p in tuned if "multi_modal_projector" not in n],
+                                    "lr": cfg["lr"]},
+                                   {"params": [p for n, p in tuned if "multi_modal_projector" in n],
+                                    "lr": cfg["lr"] * PROJECTOR_LR_FACTOR}], weight_decay=cfg["weight_decay"])
     schedule = cosine_with_warmup(optimizer, steps)
     torch.manual_seed(cfg["seed"] + stage)          # adapter dropout: the same draws on every run
     checkpoint, start = out / "checkpoint.pt", 0
@@ -882,8 +832,13 @@ def run(cfg, progress=True):
     def empty(columns):
         return {"tasks": list(columns), "matrix": [[None] * len(columns) for _ in range(len(stages) + 1)],
                 "mif": [[None] * len(columns) for _ in range(len(stages) + 1)]}
+    notes = [method.notes,    # and SMoLoRA's knobs where they leave the paper's full method, routed per sample
+             cfg["smolora_parts"] not in (None, "vu,if,fusion") and f"ablation: parts {cfg['smolora_parts']}",
+             cfg["if_routing"] == "task" and "the IF router reads each task's canonical instruction, by its identity "
+                                             "(an oracle, as officially)",
+             cfg["ins_encoder"] and f"f(X_ins) by the sentence encoder {cfg['ins_encoder']}"]
     results = {"method": cfg["method"], **empty(tasks), "config": cfg, "stages": stages,
-               "notes": method.notes + variant_note(cfg), "seconds": None,
+               "notes": "; ".join(filter(None, notes)), "seconds": None,
                **({"unseen": empty(unseen)} if unseen else {})}
     previous = out / "results.json"       # a resumed run's time so far counts
     earlier_seconds = cfg["resume"] and previous.exists() and json.loads(previous.read_text()).get("seconds") or 0
@@ -969,11 +924,11 @@ def parse_fewshot(specs, tasks):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="smolora.py", description="Continual visual instruction tuning: tune a LLaVA model on tasks one "
-                                            "after another, evaluate every task after every stage.")
+    p = argparse.ArgumentParser(prog="smolora.py", description="Continual visual instruction tuning: tune a LLaVA "
+                                "model on tasks one after another, evaluate every task after every stage.")
     p.add_argument("--tasks", required=True, help="task names in training order, or coin (CoIN's 8) or smolora")
-    p.add_argument("--method", default="smolora", help=f"{' | '.join(METHODS)}; or several, comma-separated, or "
-                                                       f"'all': each run in <out>/<method>, compared in <out>")
+    p.add_argument("--method", default="smolora", help=f"{' | '.join(METHODS)}, or several (comma-separated) or "
+                   "'all': each run in <out>/<method>, compared in <out>")
     p.add_argument("--model", help="a LLaVA checkpoint folder or id (default: the tiny model, built once)")
     p.add_argument("--data", help="a CoIN-format data root (default: the synthetic mini-CoIN, made once)")
     p.add_argument("--out", help="the run folder (default: runs/<method>-<tasks>, or runs/compare-<tasks>)")
@@ -981,47 +936,32 @@ def parse_args(argv=None):
     p.add_argument("--cache", default=str(CACHE), help="the tiny model's and synthetic data's folder ($SMOLORA_CACHE)")
     p.add_argument("--seed", type=int, default=0, help="seed of adapter init, data order and dropout")
     p.add_argument("--epochs", type=float, help="passes over each task's training records")
-    p.add_argument("--lr", type=float, help="learning rate of the LLM's adapters (projector's: x0.2; default on a "
-                                            "real checkpoint: 1e-4 for smolora, 2e-4 for CoIN's and the others)")
+    p.add_argument("--lr", type=float, help="the LLM adapters' (projector's x0.2); --model: 1e-4 smolora, else 2e-4")
     p.add_argument("--batch-size", type=int, help="training (micro-)batch and evaluation batch size")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: 8 on a real checkpoint, "
-                                                  "for the papers' global batch of 64; 1 on the tiny model)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 8 with --model, else 1)")
     p.add_argument("--r", type=int, help="total adapter rank (olora: shared by the tasks, r/T each)")
     p.add_argument("--alpha", type=float, help="LoRA alpha: the scale is alpha / r")
     p.add_argument("--experts", type=int, help="number of experts (MoELoRA, SMoLoRA)")
     p.add_argument("--weight-decay", type=float, help="AdamW's (default 0.01 for smolora with --model, else 0)")
     p.add_argument("--top-k", type=int, default=1, help="experts kept per pool by SMoLoRA's routers (paper: 1)")
     p.add_argument("--smolora-parts", help="SMoLoRA's ablation: vu | if | vu,if | vu,if,fusion (default, the paper's)")
-    p.add_argument("--if-routing", choices=("sample", "task"), help="what SMoLoRA's IF router reads: sample (default) "
-                   "each sample's own instruction; task: its task's canonical one, by the task's identity (an oracle)")
-    p.add_argument("--ins-encoder", help="SMoLoRA: embed instructions with this transformers sentence encoder "
-                                         "(e.g. all-MiniLM-L6-v2's folder), mean-pooled, not the LLM's embeddings")
+    p.add_argument("--if-routing", choices=("sample", "task"), help="SMoLoRA's IF router reads the sample's own "
+                   "instruction (default) or its task's canonical one (an oracle of the task's identity)")
+    p.add_argument("--ins-encoder", help="SMoLoRA: embed instructions with this sentence encoder folder, mean-pooled")
     p.add_argument("--replay-ratio", type=float, default=REPLAY_RATIO, help="replay: memory samples per own record")
     p.add_argument("--ewc-lambda", type=float, default=EWC_LAMBDA, help="ewc: weight of the EWC penalty")
     p.add_argument("--olora-lambda", type=float, default=OLORA_LAMBDA, help="olora: weight of the orthogonality loss")
     p.add_argument("--unseen", help="comma-separated tasks never trained, evaluated after every stage (not in AP)")
-    p.add_argument("--fewshot", action="append", help="TASK:K[,K...], e.g. places365:5,10: after the last stage, tune "
-                   "1 epoch on K examples per class of an untrained task, from the final adapters; evaluate it apart")
+    p.add_argument("--fewshot", action="append", help="TASK:K[,K...]: after the last stage, tune the final adapters "
+                   "1 epoch on K examples per class of an untrained task; evaluate it apart")
     p.add_argument("--instructions", default="default", choices=("default", "diverse"),
                    help="diverse: evaluate with paraphrased instructions never trained on")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default bfloat16 on cuda, else float32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--max-train", type=int, help="use at most this many training records per task")
     p.add_argument("--max-test", type=int, help="evaluate on at most this many test records per task")
     return p.parse_args(argv)
-
-
-def check_device(device, dtype):
-    """Refuse a --device this machine lacks or a --dtype it cannot compute in (a CPU computes in all three)."""
-    cuda = re.fullmatch(r"cuda(:\d+)?", device)
-    if not (cuda or device == "cpu") or cuda and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} is not allowed: choose cpu, or cuda or cuda:N on a machine with CUDA "
-                         f"(this one has {'' if torch.cuda.is_available() else 'no '}CUDA)")
-    if cuda and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"--dtype bfloat16 is not allowed on {torch.cuda.get_device_name(device)}, which cannot "
-                         f"compute in it: choose float16 or float32")
 
 
 def make_config(args, method=None):
@@ -1036,7 +976,13 @@ def make_config(args, method=None):
     defaults = (SMOLORA_PAPER_DEFAULTS if method == "smolora" else PAPER_DEFAULTS) if args.model else TINY_DEFAULTS
     cfg = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    check_device(args.device, dtype)
+    cuda = re.fullmatch(r"cuda(:\d+)?", args.device)   # a CPU computes in all three dtypes
+    if not (cuda or args.device == "cpu") or cuda and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} is not allowed: choose cpu, or cuda or cuda:N on a machine with "
+                         f"CUDA (this one has {'' if torch.cuda.is_available() else 'no '}CUDA)")
+    if cuda and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--dtype bfloat16 is not allowed on {torch.cuda.get_device_name(args.device)}, which "
+                         f"cannot compute in it: choose float16 or float32")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is not allowed: it is a file; give a folder for the run")
     for name in ("epochs", "lr", "batch_size", "grad_accum", "r", "alpha", "experts", "top_k", "max_train",
@@ -1054,22 +1000,23 @@ def make_config(args, method=None):
     if tuple(parts.split(",")) not in SMOLORA_PARTS:
         raise ValueError(f"--smolora-parts {parts!r} is not allowed: choose "
                          f"{' | '.join(','.join(p) for p in SMOLORA_PARTS)}")
+    smolora = method == "smolora"
     variant = [parts.replace(",", "+") if parts != "vu,if,fusion" else "", args.if_routing == "task" and "task-routing",
-               args.ins_encoder and "encoder"] if method == "smolora" else []    # a SMoLoRA variant: its own folder
+               args.ins_encoder and "encoder"] if smolora else []    # a SMoLoRA variant: its own folder
     out = args.out or f"runs/{'-'.join([method, *filter(None, variant)])}-{'-'.join(tasks)}"
     if len(methods) > 1:
         out = Path(args.out or f"runs/compare-{'-'.join(tasks)}") / method
     return {"method": method, "tasks": tasks, "model": args.model,
-            "data": str(Path(args.data).resolve()) if args.data else None,
-            "out": str(out), "resume": args.resume, "cache": args.cache,
-            "seed": args.seed, **cfg, "top_k": args.top_k, "max_train": args.max_train, "max_test": args.max_test,
-            "replay_ratio": args.replay_ratio if method == "replay" else None,     # only the method's own knobs,
-            "ewc_lambda": args.ewc_lambda if method == "ewc" else None,             # so they name its run
+            "data": str(Path(args.data).resolve()) if args.data else None, "out": str(out), "resume": args.resume,
+            "cache": args.cache, "seed": args.seed, **cfg, "top_k": args.top_k, "max_train": args.max_train,
+            "max_test": args.max_test,   # then only the method's own knobs, so that they name its run
+            "replay_ratio": args.replay_ratio if method == "replay" else None,
+            "ewc_lambda": args.ewc_lambda if method == "ewc" else None,
             "olora_lambda": args.olora_lambda if method == "olora" else None,
             "unseen": unseen, "instructions": args.instructions, "fewshot": parse_fewshot(args.fewshot, tasks),
-            "smolora_parts": parts if method == "smolora" else None,
-            "if_routing": (args.if_routing or "sample") if method == "smolora" else None,
-            "ins_encoder": args.ins_encoder if method == "smolora" else None,
+            "smolora_parts": parts if smolora else None,
+            "if_routing": (args.if_routing or "sample") if smolora else None,
+            "ins_encoder": args.ins_encoder if smolora else None,
             "device": args.device, "dtype": dtype, "grad_checkpointing": args.grad_checkpointing}
 
 
