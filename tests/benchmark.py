@@ -273,7 +273,8 @@ def tables():
     rates = chosen_rates()
     seconds = sum(json.loads(p.read_text()).get("seconds") or 0 for p in RESULTS.rglob("*.json"))
     blocks = {"rates": learning_table(rates),
-              "cost": f"The runs in docs/results: {seconds / 3600:.1f} hours, the sum of their own wall times (two ran at a time).",
+              "cost": f"The runs in docs/results: {seconds / 3600:.1f} hours, the sum of their own wall times "
+                      "(two ran at a time).",
               "routing": "\n".join((RESULTS / "coin" / "smolora" / "seed0-routing.md").read_text().splitlines()[2:])
               if (RESULTS / "coin" / "smolora" / "seed0-routing.md").exists() else ""}
     for experiment in EXPERIMENTS:
