@@ -78,7 +78,7 @@ def slug(row):
     return re.sub(r"[^a-z0-9]+", "-", row.lower()).strip("-")
 
 
-def method_of(flags):
+def method_of(flags):   # a row without --method is smolora.py's default, SMoLoRA (the ablation's rows)
     return flags[flags.index("--method") + 1] if "--method" in flags else "smolora"
 
 
@@ -122,14 +122,16 @@ def run_once(flags, out, saved, trained=None):
     saved.parent.mkdir(parents=True, exist_ok=True)
     if (out / "routing.md").exists():
         eval.write_atomic(saved.with_name(saved.stem + "-routing.md"), (out / "routing.md").read_text())
-    eval.write_atomic(saved, (out / "results.json").read_text())
-    results = json.loads(saved.read_text())
+    text = (out / "results.json").read_text()
+    eval.write_atomic(saved, text)
+    results = json.loads(text)
     print(f"benchmark: {saved.relative_to(ROOT)} in {results['seconds']:.0f} s", flush=True)
     return results
 
 
 def run_parallel(jobs, workers):
-    """Each (flags, out, saved) of jobs through run_once, `workers` at a time (one thread each: 2 on 2 cores)."""
+    """Each (flags, out, saved, trained) of jobs through run_once, `workers` at a time (one thread each: 2 on 2
+    cores)."""
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         return list(pool.map(lambda job: run_once(*job), jobs))
 
