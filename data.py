@@ -13,6 +13,7 @@ import random
 import re
 import shutil
 import string
+import tempfile
 import zlib
 from dataclasses import dataclass
 
@@ -502,14 +503,15 @@ SYNTHETIC_VERSION = 3      # bump when a generator changes, so data written by t
 
 def make_synthetic(root, tasks, n_train=1000, n_test=200, seed=0, progress=True):
     """Write <root>/<task>/train.json, test.json and images/ for each task not already there.
-    Deterministic (same seed, same bytes). Each task is written into <root>/.<task>.partial and renamed when
-    complete, so an interrupted run never leaves a task that looks finished."""
+    Deterministic (same seed, same bytes). Each task is written into a hidden folder of its writer's own (two runs
+    started at once may both write it) and renamed when complete, so an interrupted run never leaves a task that
+    looks finished."""
     tasks = [get_task(name).name for name in tasks]
     settings = {"version": SYNTHETIC_VERSION, "seed": seed, "n_train": n_train, "n_test": n_test}
     os.makedirs(root, exist_ok=True)
     bar = tqdm(total=len(tasks) * (n_train + n_test), desc="synthetic data", disable=not progress)
     for name in tasks:
-        final, partial = os.path.join(root, name), os.path.join(root, f".{name}.partial")
+        final = os.path.join(root, name)
         if os.path.isdir(final):
             found = read_settings(final)
             if found == settings:
@@ -517,21 +519,31 @@ def make_synthetic(root, tasks, n_train=1000, n_test=200, seed=0, progress=True)
                 continue
             if found is None:
                 raise ValueError(f"{final} holds data make_synthetic did not write; choose another root")
-        shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(os.path.join(partial, "images"))
-        for split, n in (("train", n_train), ("test", n_test)):
-            rng = random.Random(f"{seed}/{name}/{split}")
-            records = []
-            for i in range(n):
-                sample, image = GENERATORS[name](rng), f"images/{split}_{i:05d}.png"
-                sample.image.save(os.path.join(partial, image))
-                records.append(coin_record(TASKS[name], sample, f"{name}-{split}-{i:05d}", f"{name}/{image}", split))
-                bar.update()
-            write_json(os.path.join(partial, f"{split}.json"), records)
-        write_json(os.path.join(partial, "synthetic.json"), settings)
-        if os.path.isdir(final):             # made with other settings: swap the new one in, then drop the old
-            os.replace(final, partial + ".old")
-        os.replace(partial, final)
+        partial = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=root)
+        try:
+            os.makedirs(os.path.join(partial, "images"))
+            for split, n in (("train", n_train), ("test", n_test)):
+                rng = random.Random(f"{seed}/{name}/{split}")
+                records = []
+                for i in range(n):
+                    sample, image = GENERATORS[name](rng), f"images/{split}_{i:05d}.png"
+                    sample.image.save(os.path.join(partial, image))
+                    records.append(coin_record(TASKS[name], sample, f"{name}-{split}-{i:05d}", f"{name}/{image}",
+                                               split))
+                    bar.update()
+                write_json(os.path.join(partial, f"{split}.json"), records)
+            write_json(os.path.join(partial, "synthetic.json"), settings)
+            if os.path.isdir(final) and read_settings(final) != settings:   # other settings: swap the new one in
+                os.replace(final, partial + ".old")
+            try:
+                os.replace(partial, final)
+            except OSError:   # another run wrote this task meanwhile: with these settings, the same bytes
+                if read_settings(final) != settings:
+                    raise
+                shutil.rmtree(partial)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         shutil.rmtree(partial + ".old", ignore_errors=True)
     bar.close()
 

@@ -83,6 +83,22 @@ def test_an_interrupted_generation_leaves_no_finished_looking_task(tmp_path, mon
     assert len(data.load_records(str(tmp_path), "textvqa", "train")) == 4
 
 
+def test_two_writers_of_the_same_task_at_once_both_succeed(tmp_path, monkeypatch):
+    # a second run writes the task while the first is still writing it: both finish, one copy is kept, no leftovers
+    real, nested = data.write_json, []
+
+    def another_run_finishes_first(path, content):
+        if path.endswith("synthetic.json") and not nested:
+            nested.append(1)
+            data.make_synthetic(str(tmp_path), ["textvqa"], n_train=4, n_test=2, progress=False)
+        real(path, content)
+
+    monkeypatch.setattr(data, "write_json", another_run_finishes_first)
+    data.make_synthetic(str(tmp_path), ["textvqa"], n_train=4, n_test=2, progress=False)
+    assert nested and sorted(os.listdir(tmp_path)) == ["textvqa"]
+    assert len(data.load_records(str(tmp_path), "textvqa", "train")) == 4
+
+
 def test_other_settings_regenerate_and_foreign_data_is_left_alone(tmp_path, monkeypatch):
     data.make_synthetic(str(tmp_path), ["gqa"], n_train=2, n_test=1, progress=False)
     data.make_synthetic(str(tmp_path), ["gqa"], n_train=3, n_test=1, progress=False)
