@@ -686,10 +686,11 @@ PAPER_DEFAULTS = dict(r=128, alpha=256, experts=8, lr=2e-4, batch_size=8, grad_a
 SMOLORA_PAPER_DEFAULTS = dict(PAPER_DEFAULTS, lr=1e-4, weight_decay=0.01)
 TINY_DEFAULTS = dict(r=32, alpha=64, experts=8, lr=5e-3, batch_size=32, grad_accum=1, epochs=8, weight_decay=0.0)
 PROJECTOR_LR_FACTOR = 0.2                    # SMoLoRA's projector adapters: 2e-5 against 1e-4 (DESIGN.md 2.3)
-# what must agree for --resume to continue a run, or for a rerun to replace it
-RUN_IDENTITY = ("method", "tasks", "model", "data", "seed", "epochs", "lr", "batch_size", "grad_accum", "r",
-                "alpha", "experts", "top_k", "weight_decay", "max_train", "max_test", "replay_ratio", "ewc_lambda",
-                "olora_lambda", "unseen", "instructions", "if_routing", "ins_encoder", "smolora_parts", "fewshot")
+# where and how a run computes, not what: every other key of its configuration must agree for --resume to
+# continue a run, or for a rerun to replace it
+RUN_PLACE = ("out", "resume", "cache", "device", "dtype", "grad_checkpointing")
+OWN_KNOBS = {"replay_ratio": "replay", "ewc_lambda": "ewc", "olora_lambda": "olora", "smolora_parts": "smolora",
+             "if_routing": "smolora", "ins_encoder": "smolora"}   # None in the configuration of other methods' runs
 
 
 def adapter_hparams(cfg, ins_dim=None):
@@ -712,7 +713,7 @@ def prepare_out(cfg):
     saved = out / "results.json"
     if saved.exists():
         old = json.loads(saved.read_text()).get("config") or {}
-        differs = [k for k in RUN_IDENTITY if old.get(k) != cfg[k]]
+        differs = [k for k in cfg if k not in RUN_PLACE and old.get(k) != cfg[k]]
         if differs:
             raise ValueError(f"--out {out} holds a different run ({', '.join(f'{k}={old.get(k)!r}' for k in differs)}"
                              f"); choose another --out or delete that folder")
@@ -924,49 +925,50 @@ def parse_fewshot(specs, tasks):
 
 
 def parse_args(argv=None):
+    # the flags in the order of the run's configuration (make_config), which results.json shows
     p = argparse.ArgumentParser(prog="smolora.py", description="Continual visual instruction tuning: tune a LLaVA "
                                 "model on tasks one after another, evaluate every task after every stage.")
-    p.add_argument("--tasks", required=True, help="task names in training order, or coin (CoIN's 8) or smolora")
     p.add_argument("--method", default="smolora", help=f"{' | '.join(METHODS)}, or several (comma-separated) or "
                    "'all': each run in <out>/<method>, compared in <out>")
+    p.add_argument("--tasks", required=True, help="task names in training order, or coin (CoIN's 8) or smolora")
     p.add_argument("--model", help="a LLaVA checkpoint folder or id (default: the tiny model, built once)")
     p.add_argument("--data", help="a CoIN-format data root (default: the synthetic mini-CoIN, made once)")
     p.add_argument("--out", help="the run folder (default: runs/<method>-<tasks>, or runs/compare-<tasks>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from where it stopped")
     p.add_argument("--cache", default=str(CACHE), help="the tiny model's and synthetic data's folder ($SMOLORA_CACHE)")
     p.add_argument("--seed", type=int, default=0, help="seed of adapter init, data order and dropout")
-    p.add_argument("--epochs", type=float, help="passes over each task's training records")
-    p.add_argument("--lr", type=float, help="the LLM adapters' (projector's x0.2); --model: 1e-4 smolora, else 2e-4")
-    p.add_argument("--batch-size", type=int, help="training (micro-)batch and evaluation batch size")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 8 with --model, else 1)")
     p.add_argument("--r", type=int, help="total adapter rank (olora: shared by the tasks, r/T each)")
     p.add_argument("--alpha", type=float, help="LoRA alpha: the scale is alpha / r")
     p.add_argument("--experts", type=int, help="number of experts (MoELoRA, SMoLoRA)")
+    p.add_argument("--lr", type=float, help="the LLM adapters' (projector's x0.2); --model: 1e-4 smolora, else 2e-4")
+    p.add_argument("--batch-size", type=int, help="training (micro-)batch and evaluation batch size")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 8 with --model, else 1)")
+    p.add_argument("--epochs", type=float, help="passes over each task's training records")
     p.add_argument("--weight-decay", type=float, help="AdamW's (default 0.01 for smolora with --model, else 0)")
     p.add_argument("--top-k", type=int, default=1, help="experts kept per pool by SMoLoRA's routers (paper: 1)")
-    p.add_argument("--smolora-parts", help="SMoLoRA's ablation: vu | if | vu,if | vu,if,fusion (default, the paper's)")
-    p.add_argument("--if-routing", choices=("sample", "task"), help="SMoLoRA's IF router reads the sample's own "
-                   "instruction (default) or its task's canonical one (an oracle of the task's identity)")
-    p.add_argument("--ins-encoder", help="SMoLoRA: embed instructions with this sentence encoder folder, mean-pooled")
+    p.add_argument("--max-train", type=int, help="use at most this many training records per task")
+    p.add_argument("--max-test", type=int, help="evaluate on at most this many test records per task")
     p.add_argument("--replay-ratio", type=float, default=REPLAY_RATIO, help="replay: memory samples per own record")
     p.add_argument("--ewc-lambda", type=float, default=EWC_LAMBDA, help="ewc: weight of the EWC penalty")
     p.add_argument("--olora-lambda", type=float, default=OLORA_LAMBDA, help="olora: weight of the orthogonality loss")
     p.add_argument("--unseen", help="comma-separated tasks never trained, evaluated after every stage (not in AP)")
-    p.add_argument("--fewshot", action="append", help="TASK:K[,K...]: after the last stage, tune the final adapters "
-                   "1 epoch on K examples per class of an untrained task; evaluate it apart")
     p.add_argument("--instructions", default="default", choices=("default", "diverse"),
                    help="diverse: evaluate with paraphrased instructions never trained on")
+    p.add_argument("--fewshot", action="append", help="TASK:K[,K...]: after the last stage, tune the final adapters "
+                   "1 epoch on K examples per class of an untrained task; evaluate it apart")
+    p.add_argument("--smolora-parts", help="SMoLoRA's ablation: vu | if | vu,if | vu,if,fusion (default, the paper's)")
+    p.add_argument("--if-routing", choices=("sample", "task"), help="SMoLoRA's IF router reads the sample's own "
+                   "instruction (default) or its task's canonical one (an oracle of the task's identity)")
+    p.add_argument("--ins-encoder", help="SMoLoRA: embed instructions with this sentence encoder folder, mean-pooled")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default bfloat16 on cuda, else float32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
-    p.add_argument("--max-train", type=int, help="use at most this many training records per task")
-    p.add_argument("--max-test", type=int, help="evaluate on at most this many test records per task")
     return p.parse_args(argv)
 
 
 def make_config(args, method=None):
-    """The configuration of the run of `method`, one of --method (default the first): flags given, else the
-    defaults for a real checkpoint or the tiny model. With several methods, each runs in <out>/<method>."""
+    """The configuration of the run of `method`, one of --method (default the first): the flags, those not given
+    the defaults for a real checkpoint or the tiny model. With several methods, each runs in <out>/<method>."""
     methods = parse_names(args.method, "--method", METHODS, {"all": METHODS})
     method, task_lists = method or methods[0], {"coin": data.COIN_TASKS, "smolora": data.SMOLORA_TASKS}
     tasks = parse_names(args.tasks, "--tasks", data.TASKS, task_lists)
@@ -974,21 +976,21 @@ def make_config(args, method=None):
     if set(unseen) & set(tasks):
         raise ValueError(f"--unseen {args.unseen!r} is not allowed: unseen tasks must not be among --tasks")
     defaults = (SMOLORA_PAPER_DEFAULTS if method == "smolora" else PAPER_DEFAULTS) if args.model else TINY_DEFAULTS
-    cfg = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
-    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    defaults = {**defaults, "smolora_parts": "vu,if,fusion", "if_routing": "sample",
+                "dtype": "bfloat16" if args.device.startswith("cuda") else "float32"}
+    cfg = {k: defaults.get(k) if v is None else v for k, v in vars(args).items()}
     cuda = re.fullmatch(r"cuda(:\d+)?", args.device)   # a CPU computes in all three dtypes
     if not (cuda or args.device == "cpu") or cuda and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device} is not allowed: choose cpu, or cuda or cuda:N on a machine with "
                          f"CUDA (this one has {'' if torch.cuda.is_available() else 'no '}CUDA)")
-    if cuda and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+    if cuda and cfg["dtype"] == "bfloat16" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"--dtype bfloat16 is not allowed on {torch.cuda.get_device_name(args.device)}, which "
                          f"cannot compute in it: choose float16 or float32")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is not allowed: it is a file; give a folder for the run")
-    for name in ("epochs", "lr", "batch_size", "grad_accum", "r", "alpha", "experts", "top_k", "max_train",
-                 "max_test", "replay_ratio", "ewc_lambda", "olora_lambda", "weight_decay"):
-        value, least = cfg.get(name, getattr(args, name)), "0 or more" if name == "weight_decay" else "positive"
-        if value is not None and (value < 0 or value == 0 and least == "positive"):
+    for name, value in vars(args).items():   # every number but the seed
+        least = "0 or more" if name == "weight_decay" else "positive"
+        if type(value) in (int, float) and name != "seed" and (value < 0 or value == 0 and least == "positive"):
             raise ValueError(f"--{name.replace('_', '-')} {value} is not allowed: it must be {least}")
     if args.replay_ratio > 1:
         raise ValueError(f"--replay-ratio {args.replay_ratio} is not allowed: it must be in (0, 1]")
@@ -996,28 +998,19 @@ def make_config(args, method=None):
         if getattr(args, flag) is not None and "smolora" not in methods:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r} is not allowed with --method "
                              f"{args.method!r}: it is SMoLoRA's")
-    parts = args.smolora_parts or "vu,if,fusion"
+    parts = cfg["smolora_parts"]
     if tuple(parts.split(",")) not in SMOLORA_PARTS:
         raise ValueError(f"--smolora-parts {parts!r} is not allowed: choose "
                          f"{' | '.join(','.join(p) for p in SMOLORA_PARTS)}")
-    smolora = method == "smolora"
     variant = [parts.replace(",", "+") if parts != "vu,if,fusion" else "", args.if_routing == "task" and "task-routing",
-               args.ins_encoder and "encoder"] if smolora else []    # a SMoLoRA variant: its own folder
+               args.ins_encoder and "encoder"] if method == "smolora" else []    # a SMoLoRA variant: its own folder
     out = args.out or f"runs/{'-'.join([method, *filter(None, variant)])}-{'-'.join(tasks)}"
     if len(methods) > 1:
         out = Path(args.out or f"runs/compare-{'-'.join(tasks)}") / method
-    return {"method": method, "tasks": tasks, "model": args.model,
-            "data": str(Path(args.data).resolve()) if args.data else None, "out": str(out), "resume": args.resume,
-            "cache": args.cache, "seed": args.seed, **cfg, "top_k": args.top_k, "max_train": args.max_train,
-            "max_test": args.max_test,   # then only the method's own knobs, so that they name its run
-            "replay_ratio": args.replay_ratio if method == "replay" else None,
-            "ewc_lambda": args.ewc_lambda if method == "ewc" else None,
-            "olora_lambda": args.olora_lambda if method == "olora" else None,
-            "unseen": unseen, "instructions": args.instructions, "fewshot": parse_fewshot(args.fewshot, tasks),
-            "smolora_parts": parts if smolora else None,
-            "if_routing": (args.if_routing or "sample") if smolora else None,
-            "ins_encoder": args.ins_encoder if smolora else None,
-            "device": args.device, "dtype": dtype, "grad_checkpointing": args.grad_checkpointing}
+    # a method's own knobs only in its runs, so that they name them
+    return {**cfg, "method": method, "tasks": tasks, "data": str(Path(args.data).resolve()) if args.data else None,
+            "out": str(out), "unseen": unseen, "fewshot": parse_fewshot(args.fewshot, tasks),
+            **{k: None for k, owner in OWN_KNOBS.items() if owner != method}}
 
 
 def main(argv=None):
