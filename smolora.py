@@ -160,10 +160,8 @@ def _expert_weights(base, r, num_experts):
 
 class MoELoRALinear(nn.Module):
     """MoELoRA (CoIN): a dense per-token softmax over E LoRA experts of rank r/E.
-
         g = softmax(W_g x)                     W_g (E, in), no bias, no top-k
         h = W0 x + s * sum_e g_e B_e A_e x
-
     Stacked form (ours, exactly equal): z = A_all x in one matmul, each expert's r/E-slice scaled by g_e, one
     matmul with B_all: one LoRA's cost instead of E."""
 
@@ -227,8 +225,7 @@ class SMoLoRALinear(nn.Module):
         self.if_router = nn.Linear(ins_dim or base.in_features, pool, bias=False, **kw)     # R_if
         # I_vu, I_if (1, out): no bias, as the paper writes and the official code builds them (bias=False)
         if self.fusion:
-            self.fuse_vu = nn.Linear(base.out_features, 1, bias=False, **kw)
-            self.fuse_if = nn.Linear(base.out_features, 1, bias=False, **kw)
+            self.fuse_vu, self.fuse_if = (nn.Linear(base.out_features, 1, bias=False, **kw) for _ in range(2))
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.routing_mask = self.routing_ins = self.routing = None
 
@@ -434,7 +431,6 @@ def load_adapter_state_dict(model, state):
 
 CACHE = Path(os.environ.get("SMOLORA_CACHE", Path.home() / ".cache" / "smolora"))
 TINY_MODEL = "tiny-llava-v2"       # bump when the recipe below changes, so old caches are not reused
-PRETRAIN = dict(steps=1000, batch_size=32, lr=1e-3, pool=8)
 
 
 def build_tiny_model(processor):
@@ -452,21 +448,20 @@ def build_tiny_model(processor):
     return LlavaForConditionalGeneration(config)
 
 
-def pretrain_tiny_model(path, seed=0, progress=True):
+def pretrain_tiny_model(path, seed=0, progress=True, steps=1000, batch_size=32, lr=1e-3, pool=8):
     """Build the tiny model and train all its weights to caption synthetic scenes; save it to `path`.
     Every batch is a fresh draw of scenes, so the model learns to read and locate rather than memorise."""
     torch.manual_seed(seed)
     processor = data.build_processor()
     model, collate = build_tiny_model(processor), data.Collator(processor, train=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.0)
-    schedule = cosine_with_warmup(optimizer, PRETRAIN["steps"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = cosine_with_warmup(optimizer, steps)
     model.train()
-    bar = tqdm(range(PRETRAIN["steps"]), desc="pretraining the tiny base model on captions", disable=not progress)
+    bar = tqdm(range(steps), desc="pretraining the tiny base model on captions", disable=not progress)
     for step in bar:
-        if step % PRETRAIN["pool"] == 0:
-            batches = data.caption_batches(PRETRAIN["batch_size"], PRETRAIN["pool"], f"{seed}/{step}")
-        batch = collate(batches[step % PRETRAIN["pool"]])
-        bar.set_postfix(loss=f"{train_step(model, [batch], optimizer, schedule):.3f}")
+        if step % pool == 0:
+            batches = data.caption_batches(batch_size, pool, f"{seed}/{step}")
+        bar.set_postfix(loss=f"{train_step(model, [collate(batches[step % pool])], optimizer, schedule):.3f}")
     save_checkpoint(model.eval(), processor, path)
     return path
 
@@ -494,16 +489,6 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32):
 
 # ----------------------------------------------------------------------------------------------
 # 4. Training: AdamW, cosine schedule with warmup, gradient clipping, next-token loss on the answer.
-
-def batch_order(n, batch_size, steps, seed):
-    """`steps` batches of indices over n records, reshuffled each pass; a pure function of its arguments,
-    so a resumed run draws exactly the batches an uninterrupted one would."""
-    generator = torch.Generator().manual_seed(seed)
-    order = []
-    while len(order) < steps * batch_size:
-        order += torch.randperm(n, generator=generator).tolist()
-    return [order[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
-
 
 def cosine_with_warmup(optimizer, total_steps, warmup=0.03):
     """Linear warmup over the first 3% of the steps, then cosine decay to zero (the papers' schedule)."""
@@ -707,24 +692,6 @@ def adapter_hparams(cfg, ins_dim=None):
     return hparams
 
 
-def prepare_out(cfg):
-    """Refuse an --out folder that holds another run; clear this run's own files unless resuming."""
-    out = Path(cfg["out"])
-    saved = out / "results.json"
-    if saved.exists():
-        old = json.loads(saved.read_text()).get("config") or {}
-        differs = [k for k in cfg if k not in RUN_PLACE and old.get(k) != cfg[k]]
-        if differs:
-            raise ValueError(f"--out {out} holds a different run ({', '.join(f'{k}={old.get(k)!r}' for k in differs)}"
-                             f"); choose another --out or delete that folder")
-    if not cfg["resume"]:
-        for stale in ("adapters", "predictions", "checkpoint.pt"):
-            path = out / stale
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def evaluate(model, processor, task, records, path, cfg, progress=True):
     """(score, MIF) of the model on a task; the predictions are saved, and reused when resuming."""
     if cfg["resume"] and path.exists():
@@ -740,14 +707,16 @@ def evaluate(model, processor, task, records, path, cfg, progress=True):
 def train_stage(model, processor, records, cfg, stage, out, name, penalty=None, progress=True):
     """Tune the adapters on one stage's records (stage `name`) in optimizer steps of grad_accum micro-batches; a
     checkpoint every CHECKPOINT_SECONDS and on Ctrl-C, from which --resume continues to the same bits."""
-    accum = cfg["grad_accum"]
-    steps = max(1, math.ceil(cfg["epochs"] * len(records) / (cfg["batch_size"] * accum)))   # optimizer steps
-    batches = batch_order(len(records), cfg["batch_size"], steps * accum, cfg["seed"] + stage)
-    tuned = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for n, p in tuned if "multi_modal_projector" not in n],
-                                    "lr": cfg["lr"]},
-                                   {"params": [p for n, p in tuned if "multi_modal_projector" in n],
-                                    "lr": cfg["lr"] * PROJECTOR_LR_FACTOR}], weight_decay=cfg["weight_decay"])
+    size, accum = cfg["batch_size"], cfg["grad_accum"]
+    steps = max(1, math.ceil(cfg["epochs"] * len(records) / (size * accum)))   # optimizer steps
+    # the micro-batches, reshuffled each pass, drawn from the seed alone: a resumed run draws the same ones
+    generator = torch.Generator().manual_seed(cfg["seed"] + stage)
+    order = torch.cat([torch.randperm(len(records), generator=generator)
+                       for _ in range(math.ceil(steps * accum * size / len(records)))]).tolist()
+    optimizer = torch.optim.AdamW([{"params": [p for n, p in model.named_parameters() if p.requires_grad and
+                                               ("multi_modal_projector" in n) == projector],
+                                    "lr": cfg["lr"] * (PROJECTOR_LR_FACTOR if projector else 1)}
+                                   for projector in (False, True)], weight_decay=cfg["weight_decay"])
     schedule = cosine_with_warmup(optimizer, steps)
     torch.manual_seed(cfg["seed"] + stage)          # adapter dropout: the same draws on every run
     checkpoint, start = out / "checkpoint.pt", 0
@@ -776,8 +745,8 @@ def train_stage(model, processor, records, cfg, stage, out, name, penalty=None, 
     for step in bar:
         rng = torch.get_rng_state()
         try:
-            loss = train_step(model, [collate([records[i] for i in batch]) for batch in
-                                      batches[step * accum:(step + 1) * accum]], optimizer, schedule, penalty=penalty)
+            loss = train_step(model, [collate([records[i] for i in order[m * size:(m + 1) * size]]) for m in
+                                      range(step * accum, (step + 1) * accum)], optimizer, schedule, penalty=penalty)
         except NaNLoss as e:
             kept = checkpoint if checkpoint.exists() else out / "adapters" / f"stage{stage - 1}.safetensors"
             raise NaNLoss(f"{e} at stage {stage} step {step}: stopped; the last good checkpoint is kept "
@@ -811,7 +780,15 @@ def run(cfg, progress=True):
     method's report, then each few-shot tuning of an unseen task, from the final adapters (DESIGN.md 3)."""
     started, method = time.time(), METHODS[cfg["method"]]
     encoder = load_encoder(cfg["ins_encoder"]) if cfg["ins_encoder"] else None
-    out, cache = prepare_out(cfg), Path(cfg["cache"])
+    out, cache = Path(cfg["out"]), Path(cfg["cache"])
+    previous = out / "results.json"       # refused if another run's; a resumed run's time so far counts
+    old = json.loads(previous.read_text()).get("config") or {} if previous.exists() else cfg   # no run there yet
+    if differs := [k for k in cfg if k not in RUN_PLACE and old.get(k) != cfg[k]]:
+        raise ValueError(f"--out {out} holds a different run ({', '.join(f'{k}={old.get(k)!r}' for k in differs)}); "
+                         f"choose another --out or delete that folder")
+    for stale in () if cfg["resume"] else ("adapters", "predictions", "checkpoint.pt"):   # its own, unless resuming
+        shutil.rmtree(out / stale) if (out / stale).is_dir() else (out / stale).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     model_path, data_root = cfg["model"] or ensure_tiny_model(cache, progress), cfg["data"] or cache / "data-v1"
     tasks, unseen, fewshot = cfg["tasks"], cfg["unseen"], cfg["fewshot"]
     if not cfg["data"]:
@@ -831,8 +808,8 @@ def run(cfg, progress=True):
     stages = method.stages(tasks)
 
     def empty(columns):
-        return {"tasks": list(columns), "matrix": [[None] * len(columns) for _ in range(len(stages) + 1)],
-                "mif": [[None] * len(columns) for _ in range(len(stages) + 1)]}
+        return {"tasks": list(columns), **{table: [[None] * len(columns) for _ in range(len(stages) + 1)]
+                                           for table in ("matrix", "mif")}}
     notes = [method.notes,    # and SMoLoRA's knobs where they leave the paper's full method, routed per sample
              cfg["smolora_parts"] not in (None, "vu,if,fusion") and f"ablation: parts {cfg['smolora_parts']}",
              cfg["if_routing"] == "task" and "the IF router reads each task's canonical instruction, by its identity "
@@ -841,7 +818,6 @@ def run(cfg, progress=True):
     results = {"method": cfg["method"], **empty(tasks), "config": cfg, "stages": stages,
                "notes": "; ".join(filter(None, notes)), "seconds": None,
                **({"unseen": empty(unseen)} if unseen else {})}
-    previous = out / "results.json"       # a resumed run's time so far counts
     earlier_seconds = cfg["resume"] and previous.exists() and json.loads(previous.read_text()).get("seconds") or 0
     ctx = SimpleNamespace(model=model, processor=processor, cfg=cfg, tasks=tasks, train=train, test=test, out=out,
                           ewc=None)
@@ -915,9 +891,8 @@ def parse_fewshot(specs, tasks):
     fewshot = {}
     for spec in specs or []:
         task, _, shots = spec.partition(":")
-        ks = [int(k) for k in shots.split(",") if k.strip().isdigit()]
-        if (task not in data.TASKS or task in tasks or task in fewshot or not ks or min(ks) < 1
-                or len(ks) != len(shots.split(",")) or len(set(ks)) != len(ks)):
+        ks = [int(k) if k.strip().isdigit() else 0 for k in shots.split(",")]
+        if task not in data.TASKS or task in tasks or task in fewshot or min(ks) < 1 or len(set(ks)) != len(ks):
             raise ValueError(f"--fewshot {spec!r} is not allowed: give TASK:K[,K...], a task not among --tasks (one "
                              f"of {', '.join(t for t in data.TASKS if t not in tasks)}) and distinct shots K >= 1")
         fewshot[task] = ks
