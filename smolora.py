@@ -384,9 +384,8 @@ def route_batch(model, batch):
     if any(isinstance(m, SMoLoRALinear) for m in model.modules()):
         mask = batch["attention_mask"]
         prompt = mask * (batch["labels"] == -100) if "labels" in batch else mask
-        ins = batch.get("ins_embedding")                               # given by with_instruction_embeddings
-        set_routing(model, prompt, instruction_embedding(model, batch["input_ids"], batch["ins_mask"])
-                    if ins is None else ins)
+        set_routing(model, prompt, batch["ins_embedding"] if "ins_embedding" in batch    # with_instruction_embeddings'
+                    else instruction_embedding(model, batch["input_ids"], batch["ins_mask"]))
 
 
 @torch.no_grad()
@@ -443,9 +442,8 @@ def build_tiny_model(processor):
                        num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=512,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-1,
-                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
-    return LlavaForConditionalGeneration(config)
+    return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-1,
+                                                     image_token_index=tokenizer.convert_tokens_to_ids("<image>")))
 
 
 def pretrain_tiny_model(path, seed=0, progress=True, steps=1000, batch_size=32, lr=1e-3, pool=8):
@@ -671,8 +669,7 @@ PAPER_DEFAULTS = dict(r=128, alpha=256, experts=8, lr=2e-4, batch_size=8, grad_a
 SMOLORA_PAPER_DEFAULTS = dict(PAPER_DEFAULTS, lr=1e-4, weight_decay=0.01)
 TINY_DEFAULTS = dict(r=32, alpha=64, experts=8, lr=5e-3, batch_size=32, grad_accum=1, epochs=8, weight_decay=0.0)
 PROJECTOR_LR_FACTOR = 0.2                    # SMoLoRA's projector adapters: 2e-5 against 1e-4 (DESIGN.md 2.3)
-# where and how a run computes, not what: every other key of its configuration must agree for --resume to
-# continue a run, or for a rerun to replace it
+# where and how a run computes, not what: the only keys that may differ for --resume, or for a rerun to replace it
 RUN_PLACE = ("out", "resume", "cache", "device", "dtype", "grad_checkpointing")
 OWN_KNOBS = {"replay_ratio": "replay", "ewc_lambda": "ewc", "olora_lambda": "olora", "smolora_parts": "smolora",
              "if_routing": "smolora", "ins_encoder": "smolora"}   # None in the configuration of other methods' runs
@@ -734,9 +731,8 @@ def train_stage(model, processor, records, cfg, stage, out, name, penalty=None, 
             start = state["step"]
 
     def save(done):
-        buffer = io.BytesIO()
         torch.save({"stage": stage, "step": done, "adapters": adapter_state_dict(model), "rng": torch.get_rng_state(),
-                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, buffer)
+                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, buffer := io.BytesIO())
         eval.write_atomic(checkpoint, buffer.getvalue())
     collate, last_save = data.Collator(processor, train=True), time.time()
     model.train()
