@@ -348,8 +348,7 @@ def load_encoder(path):
 
 @torch.no_grad()
 def embed_instructions(model, processor, strings, encoder=None):
-    """f(X_ins) of instruction strings, each read alone (N, d): instruction_embedding, or with `encoder` the
-    official recipe, the sentence encoder's last hidden states mean-pooled."""
+    """f(X_ins) of instruction strings, each read alone (N, d): instruction_embedding, or `encoder`'s (official)."""
     if encoder is None:
         tokens = processor.tokenizer(strings, add_special_tokens=False, padding=True, return_tensors="pt")
         return instruction_embedding(model, tokens["input_ids"].to(model.device), tokens["attention_mask"].bool())
@@ -634,7 +633,7 @@ def routing_report(ctx):
 METHODS = {
     "zeroshot": Method(None, "the base model, not tuned", stages=lambda tasks: []),
     "multitask": Method("lora", "one LoRA tuned on all tasks mixed, in one stage: the upper bound, not continual",
-                        stages=lambda tasks: ["all tasks mixed"],       # batch_order mixes them
+                        stages=lambda tasks: ["all tasks mixed"],       # train_stage's shuffle mixes them
                         records=lambda ctx, stage: [r for t in ctx.tasks for r in ctx.train[t]]),
     "dirlora": Method("lora", "a fresh LoRA per task, each task answered by its own: needs the task identity at test",
                       start=lambda ctx, stage: load_adapter_state_dict(ctx.model, ctx.fresh),
@@ -938,8 +937,7 @@ def parse_args(argv=None):
 
 
 def make_config(args, method=None):
-    """The configuration of the run of `method`, one of --method (default the first): the flags, those not given
-    the defaults for a real checkpoint or the tiny model. With several methods, each runs in <out>/<method>."""
+    """`method`'s run configuration (default --method's first): the flags, else the real or tiny model's defaults."""
     methods = parse_names(args.method, "--method", METHODS, {"all": METHODS})
     method, task_lists = method or methods[0], {"coin": data.COIN_TASKS, "smolora": data.SMOLORA_TASKS}
     tasks = parse_names(args.tasks, "--tasks", data.TASKS, task_lists)
