@@ -619,8 +619,9 @@ def load_records(root, task, split, instructions="default", image_root=None):
         folder = os.path.join(root, task.folder)
     path = os.path.join(folder, f"{split}.json")
     raw = read_json(path)
-    if not isinstance(raw, list):
-        raise ValueError(f"{path}: expected a JSON list of records, found {type(raw).__name__}")
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"{path}: expected a JSON list of records, found "
+                         f"{'an empty list' if raw == [] else type(raw).__name__}")
     return [parse_record(task, path, i, record, split, instructions, image_root or root)
             for i, record in enumerate(raw)]
 

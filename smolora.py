@@ -160,10 +160,8 @@ def _expert_weights(base, r, num_experts):
 
 class MoELoRALinear(nn.Module):
     """MoELoRA (CoIN): a dense per-token softmax over E LoRA experts of rank r/E.
-
         g = softmax(W_g x)                     W_g (E, in), no bias, no top-k
         h = W0 x + s * sum_e g_e B_e A_e x
-
     Stacked form (ours, exactly equal): z = A_all x in one matmul, each expert's r/E-slice scaled by g_e, one
     matmul with B_all: one LoRA's cost instead of E."""
 
@@ -227,8 +225,7 @@ class SMoLoRALinear(nn.Module):
         self.if_router = nn.Linear(ins_dim or base.in_features, pool, bias=False, **kw)     # R_if
         # I_vu, I_if (1, out): no bias, as the paper writes and the official code builds them (bias=False)
         if self.fusion:
-            self.fuse_vu = nn.Linear(base.out_features, 1, bias=False, **kw)
-            self.fuse_if = nn.Linear(base.out_features, 1, bias=False, **kw)
+            self.fuse_vu, self.fuse_if = (nn.Linear(base.out_features, 1, bias=False, **kw) for _ in range(2))
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.routing_mask = self.routing_ins = self.routing = None
 
@@ -351,8 +348,7 @@ def load_encoder(path):
 
 @torch.no_grad()
 def embed_instructions(model, processor, strings, encoder=None):
-    """f(X_ins) of instruction strings, each read alone (N, d): instruction_embedding, or with `encoder` the
-    official recipe, the sentence encoder's last hidden states mean-pooled."""
+    """f(X_ins) of instruction strings, each read alone (N, d): instruction_embedding, or `encoder`'s (official)."""
     if encoder is None:
         tokens = processor.tokenizer(strings, add_special_tokens=False, padding=True, return_tensors="pt")
         return instruction_embedding(model, tokens["input_ids"].to(model.device), tokens["attention_mask"].bool())
@@ -387,9 +383,8 @@ def route_batch(model, batch):
     if any(isinstance(m, SMoLoRALinear) for m in model.modules()):
         mask = batch["attention_mask"]
         prompt = mask * (batch["labels"] == -100) if "labels" in batch else mask
-        ins = batch.get("ins_embedding")                               # given by with_instruction_embeddings
-        set_routing(model, prompt, instruction_embedding(model, batch["input_ids"], batch["ins_mask"])
-                    if ins is None else ins)
+        set_routing(model, prompt, batch["ins_embedding"] if "ins_embedding" in batch    # with_instruction_embeddings'
+                    else instruction_embedding(model, batch["input_ids"], batch["ins_mask"]))
 
 
 @torch.no_grad()
@@ -434,7 +429,6 @@ def load_adapter_state_dict(model, state):
 
 CACHE = Path(os.environ.get("SMOLORA_CACHE", Path.home() / ".cache" / "smolora"))
 TINY_MODEL = "tiny-llava-v2"       # bump when the recipe below changes, so old caches are not reused
-PRETRAIN = dict(steps=1000, batch_size=32, lr=1e-3, pool=8)
 
 
 def build_tiny_model(processor):
@@ -447,26 +441,24 @@ def build_tiny_model(processor):
                        num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=512,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-1,
-                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
-    return LlavaForConditionalGeneration(config)
+    return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-1,
+                                                     image_token_index=tokenizer.convert_tokens_to_ids("<image>")))
 
 
-def pretrain_tiny_model(path, seed=0, progress=True):
+def pretrain_tiny_model(path, seed=0, progress=True, steps=1000, batch_size=32, lr=1e-3, pool=8):
     """Build the tiny model and train all its weights to caption synthetic scenes; save it to `path`.
     Every batch is a fresh draw of scenes, so the model learns to read and locate rather than memorise."""
     torch.manual_seed(seed)
     processor = data.build_processor()
     model, collate = build_tiny_model(processor), data.Collator(processor, train=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.0)
-    schedule = cosine_with_warmup(optimizer, PRETRAIN["steps"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = cosine_with_warmup(optimizer, steps)
     model.train()
-    bar = tqdm(range(PRETRAIN["steps"]), desc="pretraining the tiny base model on captions", disable=not progress)
+    bar = tqdm(range(steps), desc="pretraining the tiny base model on captions", disable=not progress)
     for step in bar:
-        if step % PRETRAIN["pool"] == 0:
-            batches = data.caption_batches(PRETRAIN["batch_size"], PRETRAIN["pool"], f"{seed}/{step}")
-        batch = collate(batches[step % PRETRAIN["pool"]])
-        bar.set_postfix(loss=f"{train_step(model, [batch], optimizer, schedule):.3f}")
+        if step % pool == 0:
+            batches = data.caption_batches(batch_size, pool, f"{seed}/{step}")
+        bar.set_postfix(loss=f"{train_step(model, [collate(batches[step % pool])], optimizer, schedule):.3f}")
     save_checkpoint(model.eval(), processor, path)
     return path
 
@@ -494,16 +486,6 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32):
 
 # ----------------------------------------------------------------------------------------------
 # 4. Training: AdamW, cosine schedule with warmup, gradient clipping, next-token loss on the answer.
-
-def batch_order(n, batch_size, steps, seed):
-    """`steps` batches of indices over n records, reshuffled each pass; a pure function of its arguments,
-    so a resumed run draws exactly the batches an uninterrupted one would."""
-    generator = torch.Generator().manual_seed(seed)
-    order = []
-    while len(order) < steps * batch_size:
-        order += torch.randperm(n, generator=generator).tolist()
-    return [order[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
-
 
 def cosine_with_warmup(optimizer, total_steps, warmup=0.03):
     """Linear warmup over the first 3% of the steps, then cosine decay to zero (the papers' schedule)."""
@@ -651,7 +633,7 @@ def routing_report(ctx):
 METHODS = {
     "zeroshot": Method(None, "the base model, not tuned", stages=lambda tasks: []),
     "multitask": Method("lora", "one LoRA tuned on all tasks mixed, in one stage: the upper bound, not continual",
-                        stages=lambda tasks: ["all tasks mixed"],       # batch_order mixes them
+                        stages=lambda tasks: ["all tasks mixed"],       # train_stage's shuffle mixes them
                         records=lambda ctx, stage: [r for t in ctx.tasks for r in ctx.train[t]]),
     "dirlora": Method("lora", "a fresh LoRA per task, each task answered by its own: needs the task identity at test",
                       start=lambda ctx, stage: load_adapter_state_dict(ctx.model, ctx.fresh),
@@ -686,10 +668,10 @@ PAPER_DEFAULTS = dict(r=128, alpha=256, experts=8, lr=2e-4, batch_size=8, grad_a
 SMOLORA_PAPER_DEFAULTS = dict(PAPER_DEFAULTS, lr=1e-4, weight_decay=0.01)
 TINY_DEFAULTS = dict(r=32, alpha=64, experts=8, lr=5e-3, batch_size=32, grad_accum=1, epochs=8, weight_decay=0.0)
 PROJECTOR_LR_FACTOR = 0.2                    # SMoLoRA's projector adapters: 2e-5 against 1e-4 (DESIGN.md 2.3)
-# what must agree for --resume to continue a run, or for a rerun to replace it
-RUN_IDENTITY = ("method", "tasks", "model", "data", "seed", "epochs", "lr", "batch_size", "grad_accum", "r",
-                "alpha", "experts", "top_k", "weight_decay", "max_train", "max_test", "replay_ratio", "ewc_lambda",
-                "olora_lambda", "unseen", "instructions", "if_routing", "ins_encoder", "smolora_parts", "fewshot")
+# where and how a run computes, not what: the only keys that may differ for --resume, or for a rerun to replace it
+RUN_PLACE = ("out", "resume", "cache", "device", "dtype", "grad_checkpointing")
+OWN_KNOBS = {"replay_ratio": "replay", "ewc_lambda": "ewc", "olora_lambda": "olora", "smolora_parts": "smolora",
+             "if_routing": "smolora", "ins_encoder": "smolora"}   # None in the configuration of other methods' runs
 
 
 def adapter_hparams(cfg, ins_dim=None):
@@ -704,24 +686,6 @@ def adapter_hparams(cfg, ins_dim=None):
         rank = max(1, cfg["r"] // len(cfg["tasks"]))            # the same scale s = alpha / r below
         hparams.update(r=rank, alpha=cfg["alpha"] * rank / cfg["r"], num_tasks=len(cfg["tasks"]))
     return hparams
-
-
-def prepare_out(cfg):
-    """Refuse an --out folder that holds another run; clear this run's own files unless resuming."""
-    out = Path(cfg["out"])
-    saved = out / "results.json"
-    if saved.exists():
-        old = json.loads(saved.read_text()).get("config") or {}
-        differs = [k for k in RUN_IDENTITY if old.get(k) != cfg[k]]
-        if differs:
-            raise ValueError(f"--out {out} holds a different run ({', '.join(f'{k}={old.get(k)!r}' for k in differs)}"
-                             f"); choose another --out or delete that folder")
-    if not cfg["resume"]:
-        for stale in ("adapters", "predictions", "checkpoint.pt"):
-            path = out / stale
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def evaluate(model, processor, task, records, path, cfg, progress=True):
@@ -739,14 +703,16 @@ def evaluate(model, processor, task, records, path, cfg, progress=True):
 def train_stage(model, processor, records, cfg, stage, out, name, penalty=None, progress=True):
     """Tune the adapters on one stage's records (stage `name`) in optimizer steps of grad_accum micro-batches; a
     checkpoint every CHECKPOINT_SECONDS and on Ctrl-C, from which --resume continues to the same bits."""
-    accum = cfg["grad_accum"]
-    steps = max(1, math.ceil(cfg["epochs"] * len(records) / (cfg["batch_size"] * accum)))   # optimizer steps
-    batches = batch_order(len(records), cfg["batch_size"], steps * accum, cfg["seed"] + stage)
-    tuned = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for n, p in tuned if "multi_modal_projector" not in n],
-                                    "lr": cfg["lr"]},
-                                   {"params": [p for n, p in tuned if "multi_modal_projector" in n],
-                                    "lr": cfg["lr"] * PROJECTOR_LR_FACTOR}], weight_decay=cfg["weight_decay"])
+    size, accum = cfg["batch_size"], cfg["grad_accum"]
+    steps = max(1, math.ceil(cfg["epochs"] * len(records) / (size * accum)))   # optimizer steps
+    # the micro-batches, reshuffled each pass, drawn from the seed alone: a resumed run draws the same ones
+    generator = torch.Generator().manual_seed(cfg["seed"] + stage)
+    order = torch.cat([torch.randperm(len(records), generator=generator)
+                       for _ in range(math.ceil(steps * accum * size / len(records)))]).tolist()
+    optimizer = torch.optim.AdamW([{"params": [p for n, p in model.named_parameters() if p.requires_grad and
+                                               ("multi_modal_projector" in n) == projector],
+                                    "lr": cfg["lr"] * (PROJECTOR_LR_FACTOR if projector else 1)}
+                                   for projector in (False, True)], weight_decay=cfg["weight_decay"])
     schedule = cosine_with_warmup(optimizer, steps)
     torch.manual_seed(cfg["seed"] + stage)          # adapter dropout: the same draws on every run
     checkpoint, start = out / "checkpoint.pt", 0
@@ -764,9 +730,8 @@ def train_stage(model, processor, records, cfg, stage, out, name, penalty=None, 
             start = state["step"]
 
     def save(done):
-        buffer = io.BytesIO()
         torch.save({"stage": stage, "step": done, "adapters": adapter_state_dict(model), "rng": torch.get_rng_state(),
-                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, buffer)
+                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, buffer := io.BytesIO())
         eval.write_atomic(checkpoint, buffer.getvalue())
     collate, last_save = data.Collator(processor, train=True), time.time()
     model.train()
@@ -775,8 +740,8 @@ def train_stage(model, processor, records, cfg, stage, out, name, penalty=None, 
     for step in bar:
         rng = torch.get_rng_state()
         try:
-            loss = train_step(model, [collate([records[i] for i in batch]) for batch in
-                                      batches[step * accum:(step + 1) * accum]], optimizer, schedule, penalty=penalty)
+            loss = train_step(model, [collate([records[i] for i in order[m * size:(m + 1) * size]]) for m in
+                                      range(step * accum, (step + 1) * accum)], optimizer, schedule, penalty=penalty)
         except NaNLoss as e:
             kept = checkpoint if checkpoint.exists() else out / "adapters" / f"stage{stage - 1}.safetensors"
             raise NaNLoss(f"{e} at stage {stage} step {step}: stopped; the last good checkpoint is kept "
@@ -810,7 +775,15 @@ def run(cfg, progress=True):
     method's report, then each few-shot tuning of an unseen task, from the final adapters (DESIGN.md 3)."""
     started, method = time.time(), METHODS[cfg["method"]]
     encoder = load_encoder(cfg["ins_encoder"]) if cfg["ins_encoder"] else None
-    out, cache = prepare_out(cfg), Path(cfg["cache"])
+    out, cache = Path(cfg["out"]), Path(cfg["cache"])
+    previous = out / "results.json"       # refused if another run's; a resumed run's time so far counts
+    old = json.loads(previous.read_text()).get("config") or {} if previous.exists() else cfg   # no run there yet
+    if differs := [k for k in cfg if k not in RUN_PLACE and old.get(k) != cfg[k]]:
+        raise ValueError(f"--out {out} holds a different run ({', '.join(f'{k}={old.get(k)!r}' for k in differs)}); "
+                         f"choose another --out or delete that folder")
+    for stale in () if cfg["resume"] else ("adapters", "predictions", "checkpoint.pt"):   # its own, unless resuming
+        shutil.rmtree(out / stale) if (out / stale).is_dir() else (out / stale).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     model_path, data_root = cfg["model"] or ensure_tiny_model(cache, progress), cfg["data"] or cache / "data-v1"
     tasks, unseen, fewshot = cfg["tasks"], cfg["unseen"], cfg["fewshot"]
     if not cfg["data"]:
@@ -830,8 +803,8 @@ def run(cfg, progress=True):
     stages = method.stages(tasks)
 
     def empty(columns):
-        return {"tasks": list(columns), "matrix": [[None] * len(columns) for _ in range(len(stages) + 1)],
-                "mif": [[None] * len(columns) for _ in range(len(stages) + 1)]}
+        return {"tasks": list(columns), **{table: [[None] * len(columns) for _ in range(len(stages) + 1)]
+                                           for table in ("matrix", "mif")}}
     notes = [method.notes,    # and SMoLoRA's knobs where they leave the paper's full method, routed per sample
              cfg["smolora_parts"] not in (None, "vu,if,fusion") and f"ablation: parts {cfg['smolora_parts']}",
              cfg["if_routing"] == "task" and "the IF router reads each task's canonical instruction, by its identity "
@@ -840,7 +813,6 @@ def run(cfg, progress=True):
     results = {"method": cfg["method"], **empty(tasks), "config": cfg, "stages": stages,
                "notes": "; ".join(filter(None, notes)), "seconds": None,
                **({"unseen": empty(unseen)} if unseen else {})}
-    previous = out / "results.json"       # a resumed run's time so far counts
     earlier_seconds = cfg["resume"] and previous.exists() and json.loads(previous.read_text()).get("seconds") or 0
     ctx = SimpleNamespace(model=model, processor=processor, cfg=cfg, tasks=tasks, train=train, test=test, out=out,
                           ewc=None)
@@ -914,9 +886,8 @@ def parse_fewshot(specs, tasks):
     fewshot = {}
     for spec in specs or []:
         task, _, shots = spec.partition(":")
-        ks = [int(k) for k in shots.split(",") if k.strip().isdigit()]
-        if (task not in data.TASKS or task in tasks or task in fewshot or not ks or min(ks) < 1
-                or len(ks) != len(shots.split(",")) or len(set(ks)) != len(ks)):
+        ks = [int(k) if k.strip().isdigit() else 0 for k in shots.split(",")]
+        if task not in data.TASKS or task in tasks or task in fewshot or min(ks) < 1 or len(set(ks)) != len(ks):
             raise ValueError(f"--fewshot {spec!r} is not allowed: give TASK:K[,K...], a task not among --tasks (one "
                              f"of {', '.join(t for t in data.TASKS if t not in tasks)}) and distinct shots K >= 1")
         fewshot[task] = ks
@@ -924,49 +895,49 @@ def parse_fewshot(specs, tasks):
 
 
 def parse_args(argv=None):
+    # the flags in the order of the run's configuration (make_config), which results.json shows
     p = argparse.ArgumentParser(prog="smolora.py", description="Continual visual instruction tuning: tune a LLaVA "
                                 "model on tasks one after another, evaluate every task after every stage.")
-    p.add_argument("--tasks", required=True, help="task names in training order, or coin (CoIN's 8) or smolora")
     p.add_argument("--method", default="smolora", help=f"{' | '.join(METHODS)}, or several (comma-separated) or "
                    "'all': each run in <out>/<method>, compared in <out>")
+    p.add_argument("--tasks", required=True, help="task names in training order, or coin (CoIN's 8) or smolora")
     p.add_argument("--model", help="a LLaVA checkpoint folder or id (default: the tiny model, built once)")
     p.add_argument("--data", help="a CoIN-format data root (default: the synthetic mini-CoIN, made once)")
     p.add_argument("--out", help="the run folder (default: runs/<method>-<tasks>, or runs/compare-<tasks>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from where it stopped")
     p.add_argument("--cache", default=str(CACHE), help="the tiny model's and synthetic data's folder ($SMOLORA_CACHE)")
     p.add_argument("--seed", type=int, default=0, help="seed of adapter init, data order and dropout")
-    p.add_argument("--epochs", type=float, help="passes over each task's training records")
-    p.add_argument("--lr", type=float, help="the LLM adapters' (projector's x0.2); --model: 1e-4 smolora, else 2e-4")
-    p.add_argument("--batch-size", type=int, help="training (micro-)batch and evaluation batch size")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 8 with --model, else 1)")
     p.add_argument("--r", type=int, help="total adapter rank (olora: shared by the tasks, r/T each)")
     p.add_argument("--alpha", type=float, help="LoRA alpha: the scale is alpha / r")
     p.add_argument("--experts", type=int, help="number of experts (MoELoRA, SMoLoRA)")
+    p.add_argument("--lr", type=float, help="the LLM adapters' (projector's x0.2); --model: 1e-4 smolora, else 2e-4")
+    p.add_argument("--batch-size", type=int, help="training (micro-)batch and evaluation batch size")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 8 with --model, else 1)")
+    p.add_argument("--epochs", type=float, help="passes over each task's training records")
     p.add_argument("--weight-decay", type=float, help="AdamW's (default 0.01 for smolora with --model, else 0)")
     p.add_argument("--top-k", type=int, default=1, help="experts kept per pool by SMoLoRA's routers (paper: 1)")
-    p.add_argument("--smolora-parts", help="SMoLoRA's ablation: vu | if | vu,if | vu,if,fusion (default, the paper's)")
-    p.add_argument("--if-routing", choices=("sample", "task"), help="SMoLoRA's IF router reads the sample's own "
-                   "instruction (default) or its task's canonical one (an oracle of the task's identity)")
-    p.add_argument("--ins-encoder", help="SMoLoRA: embed instructions with this sentence encoder folder, mean-pooled")
+    p.add_argument("--max-train", type=int, help="use at most this many training records per task")
+    p.add_argument("--max-test", type=int, help="evaluate on at most this many test records per task")
     p.add_argument("--replay-ratio", type=float, default=REPLAY_RATIO, help="replay: memory samples per own record")
     p.add_argument("--ewc-lambda", type=float, default=EWC_LAMBDA, help="ewc: weight of the EWC penalty")
     p.add_argument("--olora-lambda", type=float, default=OLORA_LAMBDA, help="olora: weight of the orthogonality loss")
     p.add_argument("--unseen", help="comma-separated tasks never trained, evaluated after every stage (not in AP)")
-    p.add_argument("--fewshot", action="append", help="TASK:K[,K...]: after the last stage, tune the final adapters "
-                   "1 epoch on K examples per class of an untrained task; evaluate it apart")
     p.add_argument("--instructions", default="default", choices=("default", "diverse"),
                    help="diverse: evaluate with paraphrased instructions never trained on")
+    p.add_argument("--fewshot", action="append", help="TASK:K[,K...]: after the last stage, tune the final adapters "
+                   "1 epoch on K examples per class of an untrained task; evaluate it apart")
+    p.add_argument("--smolora-parts", help="SMoLoRA's ablation: vu | if | vu,if | vu,if,fusion (default, the paper's)")
+    p.add_argument("--if-routing", choices=("sample", "task"), help="SMoLoRA's IF router reads the sample's own "
+                   "instruction (default) or its task's canonical one (an oracle of the task's identity)")
+    p.add_argument("--ins-encoder", help="SMoLoRA: embed instructions with this sentence encoder folder, mean-pooled")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default bfloat16 on cuda, else float32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
-    p.add_argument("--max-train", type=int, help="use at most this many training records per task")
-    p.add_argument("--max-test", type=int, help="evaluate on at most this many test records per task")
     return p.parse_args(argv)
 
 
 def make_config(args, method=None):
-    """The configuration of the run of `method`, one of --method (default the first): flags given, else the
-    defaults for a real checkpoint or the tiny model. With several methods, each runs in <out>/<method>."""
+    """`method`'s run configuration (default --method's first): the flags, else the real or tiny model's defaults."""
     methods = parse_names(args.method, "--method", METHODS, {"all": METHODS})
     method, task_lists = method or methods[0], {"coin": data.COIN_TASKS, "smolora": data.SMOLORA_TASKS}
     tasks = parse_names(args.tasks, "--tasks", data.TASKS, task_lists)
@@ -974,21 +945,21 @@ def make_config(args, method=None):
     if set(unseen) & set(tasks):
         raise ValueError(f"--unseen {args.unseen!r} is not allowed: unseen tasks must not be among --tasks")
     defaults = (SMOLORA_PAPER_DEFAULTS if method == "smolora" else PAPER_DEFAULTS) if args.model else TINY_DEFAULTS
-    cfg = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
-    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    defaults = {**defaults, "smolora_parts": "vu,if,fusion", "if_routing": "sample",
+                "dtype": "bfloat16" if args.device.startswith("cuda") else "float32"}
+    cfg = {k: defaults.get(k) if v is None else v for k, v in vars(args).items()}
     cuda = re.fullmatch(r"cuda(:\d+)?", args.device)   # a CPU computes in all three dtypes
     if not (cuda or args.device == "cpu") or cuda and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device} is not allowed: choose cpu, or cuda or cuda:N on a machine with "
                          f"CUDA (this one has {'' if torch.cuda.is_available() else 'no '}CUDA)")
-    if cuda and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+    if cuda and cfg["dtype"] == "bfloat16" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"--dtype bfloat16 is not allowed on {torch.cuda.get_device_name(args.device)}, which "
                          f"cannot compute in it: choose float16 or float32")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is not allowed: it is a file; give a folder for the run")
-    for name in ("epochs", "lr", "batch_size", "grad_accum", "r", "alpha", "experts", "top_k", "max_train",
-                 "max_test", "replay_ratio", "ewc_lambda", "olora_lambda", "weight_decay"):
-        value, least = cfg.get(name, getattr(args, name)), "0 or more" if name == "weight_decay" else "positive"
-        if value is not None and (value < 0 or value == 0 and least == "positive"):
+    for name, value in vars(args).items():   # every number but the seed
+        least = "0 or more" if name == "weight_decay" else "positive"
+        if type(value) in (int, float) and name != "seed" and (value < 0 or value == 0 and least == "positive"):
             raise ValueError(f"--{name.replace('_', '-')} {value} is not allowed: it must be {least}")
     if args.replay_ratio > 1:
         raise ValueError(f"--replay-ratio {args.replay_ratio} is not allowed: it must be in (0, 1]")
@@ -996,28 +967,19 @@ def make_config(args, method=None):
         if getattr(args, flag) is not None and "smolora" not in methods:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r} is not allowed with --method "
                              f"{args.method!r}: it is SMoLoRA's")
-    parts = args.smolora_parts or "vu,if,fusion"
+    parts = cfg["smolora_parts"]
     if tuple(parts.split(",")) not in SMOLORA_PARTS:
         raise ValueError(f"--smolora-parts {parts!r} is not allowed: choose "
                          f"{' | '.join(','.join(p) for p in SMOLORA_PARTS)}")
-    smolora = method == "smolora"
     variant = [parts.replace(",", "+") if parts != "vu,if,fusion" else "", args.if_routing == "task" and "task-routing",
-               args.ins_encoder and "encoder"] if smolora else []    # a SMoLoRA variant: its own folder
+               args.ins_encoder and "encoder"] if method == "smolora" else []    # a SMoLoRA variant: its own folder
     out = args.out or f"runs/{'-'.join([method, *filter(None, variant)])}-{'-'.join(tasks)}"
     if len(methods) > 1:
         out = Path(args.out or f"runs/compare-{'-'.join(tasks)}") / method
-    return {"method": method, "tasks": tasks, "model": args.model,
-            "data": str(Path(args.data).resolve()) if args.data else None, "out": str(out), "resume": args.resume,
-            "cache": args.cache, "seed": args.seed, **cfg, "top_k": args.top_k, "max_train": args.max_train,
-            "max_test": args.max_test,   # then only the method's own knobs, so that they name its run
-            "replay_ratio": args.replay_ratio if method == "replay" else None,
-            "ewc_lambda": args.ewc_lambda if method == "ewc" else None,
-            "olora_lambda": args.olora_lambda if method == "olora" else None,
-            "unseen": unseen, "instructions": args.instructions, "fewshot": parse_fewshot(args.fewshot, tasks),
-            "smolora_parts": parts if smolora else None,
-            "if_routing": (args.if_routing or "sample") if smolora else None,
-            "ins_encoder": args.ins_encoder if smolora else None,
-            "device": args.device, "dtype": dtype, "grad_checkpointing": args.grad_checkpointing}
+    # a method's own knobs only in its runs, so that they name them
+    return {**cfg, "method": method, "tasks": tasks, "data": str(Path(args.data).resolve()) if args.data else None,
+            "out": str(out), "unseen": unseen, "fewshot": parse_fewshot(args.fewshot, tasks),
+            **{k: None for k, owner in OWN_KNOBS.items() if owner != method}}
 
 
 def main(argv=None):

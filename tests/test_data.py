@@ -391,6 +391,8 @@ def test_bad_input_gives_a_one_line_error(tmp_path, processor):
     one_line_error(lambda: data.load_records(root, "gqa", "train"), r"gqa/train\.json: invalid JSON at line 3 column 3")
     write(f"{root}/gqa/train.json", {"id": "a"})
     one_line_error(lambda: data.load_records(root, "gqa", "train"), "expected a JSON list of records, found dict")
+    write(f"{root}/gqa/train.json", [])   # a run would have nothing to train on
+    one_line_error(lambda: data.load_records(root, "gqa", "train"), "list of records, found an empty list")
     write(f"{root}/gqa/train.json", [{"id": "x1", "image": "ok.png"}])
     one_line_error(lambda: data.load_records(root, "gqa", "train"),
                    r"gqa/train\.json: record 0 \(id x1\) has no field 'conversations'")
