@@ -688,6 +688,23 @@ def adapter_hparams(cfg, ins_dim=None):
     return hparams
 
 
+def prepare_out(cfg):
+    """Refuse an --out folder that holds another run; clear this run's own files unless resuming."""
+    out = Path(cfg["out"])
+    saved = out / "results.json"
+    old = json.loads(saved.read_text()).get("config") or {} if saved.exists() else cfg
+    differs = [k for k in cfg if k not in RUN_PLACE and old.get(k) != cfg[k]]
+    if differs:
+        raise ValueError(f"--out {out} holds a different run ({', '.join(f'{k}={old.get(k)!r}' for k in differs)}); "
+                         f"choose another --out or delete that folder")
+    if not cfg["resume"]:
+        for stale in ("adapters", "predictions", "checkpoint.pt"):
+            path = out / stale
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def evaluate(model, processor, task, records, path, cfg, progress=True):
     """(score, MIF) of the model on a task; the predictions are saved, and reused when resuming."""
     if cfg["resume"] and path.exists():
@@ -730,8 +747,9 @@ def train_stage(model, processor, records, cfg, stage, out, name, penalty=None, 
             start = state["step"]
 
     def save(done):
+        buffer = io.BytesIO()
         torch.save({"stage": stage, "step": done, "adapters": adapter_state_dict(model), "rng": torch.get_rng_state(),
-                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, buffer := io.BytesIO())
+                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, buffer)
         eval.write_atomic(checkpoint, buffer.getvalue())
     collate, last_save = data.Collator(processor, train=True), time.time()
     model.train()
@@ -775,15 +793,7 @@ def run(cfg, progress=True):
     method's report, then each few-shot tuning of an unseen task, from the final adapters (DESIGN.md 3)."""
     started, method = time.time(), METHODS[cfg["method"]]
     encoder = load_encoder(cfg["ins_encoder"]) if cfg["ins_encoder"] else None
-    out, cache = Path(cfg["out"]), Path(cfg["cache"])
-    previous = out / "results.json"       # refused if another run's; a resumed run's time so far counts
-    old = json.loads(previous.read_text()).get("config") or {} if previous.exists() else cfg   # no run there yet
-    if differs := [k for k in cfg if k not in RUN_PLACE and old.get(k) != cfg[k]]:
-        raise ValueError(f"--out {out} holds a different run ({', '.join(f'{k}={old.get(k)!r}' for k in differs)}); "
-                         f"choose another --out or delete that folder")
-    for stale in () if cfg["resume"] else ("adapters", "predictions", "checkpoint.pt"):   # its own, unless resuming
-        shutil.rmtree(out / stale) if (out / stale).is_dir() else (out / stale).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    out, cache = prepare_out(cfg), Path(cfg["cache"])
     model_path, data_root = cfg["model"] or ensure_tiny_model(cache, progress), cfg["data"] or cache / "data-v1"
     tasks, unseen, fewshot = cfg["tasks"], cfg["unseen"], cfg["fewshot"]
     if not cfg["data"]:
@@ -813,6 +823,7 @@ def run(cfg, progress=True):
     results = {"method": cfg["method"], **empty(tasks), "config": cfg, "stages": stages,
                "notes": "; ".join(filter(None, notes)), "seconds": None,
                **({"unseen": empty(unseen)} if unseen else {})}
+    previous = out / "results.json"       # a resumed run's time so far counts
     earlier_seconds = cfg["resume"] and previous.exists() and json.loads(previous.read_text()).get("seconds") or 0
     ctx = SimpleNamespace(model=model, processor=processor, cfg=cfg, tasks=tasks, train=train, test=test, out=out,
                           ewc=None)
