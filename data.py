@@ -521,17 +521,7 @@ def make_synthetic(root, tasks, n_train=1000, n_test=200, seed=0, progress=True)
                 raise ValueError(f"{final} holds data make_synthetic did not write; choose another root")
         partial = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=root)
         try:
-            os.makedirs(os.path.join(partial, "images"))
-            for split, n in (("train", n_train), ("test", n_test)):
-                rng = random.Random(f"{seed}/{name}/{split}")
-                records = []
-                for i in range(n):
-                    sample, image = GENERATORS[name](rng), f"images/{split}_{i:05d}.png"
-                    sample.image.save(os.path.join(partial, image))
-                    records.append(coin_record(TASKS[name], sample, f"{name}-{split}-{i:05d}", f"{name}/{image}",
-                                               split))
-                    bar.update()
-                write_json(os.path.join(partial, f"{split}.json"), records)
+            write_task(partial, name, {"train": n_train, "test": n_test}, seed, bar)
             write_json(os.path.join(partial, "synthetic.json"), settings)
             if os.path.isdir(final) and read_settings(final) != settings:   # other settings: swap the new one in
                 os.replace(final, partial + ".old")
@@ -546,6 +536,20 @@ def make_synthetic(root, tasks, n_train=1000, n_test=200, seed=0, progress=True)
             raise
         shutil.rmtree(partial + ".old", ignore_errors=True)
     bar.close()
+
+
+def write_task(folder, name, counts, seed, bar):
+    """The task's images and its train.json, test.json ({split: count} records each) in `folder`."""
+    os.makedirs(os.path.join(folder, "images"))
+    for split, n in counts.items():
+        rng = random.Random(f"{seed}/{name}/{split}")
+        records = []
+        for i in range(n):
+            sample, image = GENERATORS[name](rng), f"images/{split}_{i:05d}.png"
+            sample.image.save(os.path.join(folder, image))
+            records.append(coin_record(TASKS[name], sample, f"{name}-{split}-{i:05d}", f"{name}/{image}", split))
+            bar.update()
+        write_json(os.path.join(folder, f"{split}.json"), records)
 
 
 def read_settings(folder):
