@@ -32,7 +32,7 @@ ROWS = {"lora": "LoRA r=128 (q, k, v, o, gate, up, down); also multitask, dirlor
 
 def count(method):
     """(trainable parameters, bytes of adapters + gradients + AdamW's two moments, bytes of the bf16 weights)."""
-    cfg = smolora.make_config(smolora.parse_args(["--tasks", "coin", "--model", "llava-1.5-7b", "--method", method]))
+    cfg = smolora.Config.paper(method, tasks="coin", model="llava-1.5-7b")
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(CONFIG)
         weights = sum(p.numel() for p in model.parameters()) * 2                           # bfloat16

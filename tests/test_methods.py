@@ -213,7 +213,8 @@ def test_diagonal_fisher_is_the_mean_squared_gradient(micro):
 
 def test_olora_penalty_is_zero_for_orthogonal_A_and_frozen_loras_keep_acting():
     torch.manual_seed(0)
-    layer = smolora.OLoRALinear(nn.Linear(4, 3), r=2, alpha=2, num_tasks=2)
+    layer = smolora.OLoRALinear(nn.Linear(4, 3), r=4, alpha=4, num_tasks=2)   # rank 2 a task
+    assert (layer.lora_A.shape, layer.past_A.shape, layer.scaling) == ((2, 4), (4, 4), 1.0)
     eye = torch.eye(4)
     with torch.no_grad():
         layer.lora_A.copy_(eye[:2])                              # task 1's A: rows e1, e2
@@ -230,7 +231,7 @@ def test_olora_penalty_is_zero_for_orthogonal_A_and_frozen_loras_keep_acting():
         layer.lora_A.copy_(torch.tensor([[1.0, 0, 1, 0], [0, -2.0, 0, 1]]))
     # A_1 A_2^T = [[1, 0], [0, -2]]: sum of absolute values 3
     assert layer.orthogonality().item() == pytest.approx(3.0)
-    model = nn.Sequential(layer, smolora.OLoRALinear(nn.Linear(3, 3), r=2, num_tasks=2))
+    model = nn.Sequential(layer, smolora.OLoRALinear(nn.Linear(3, 3), r=4, num_tasks=2))
     assert smolora.orthogonality_penalty(model, lam=0.5).item() == pytest.approx(1.5)   # the other has no past
 
 
@@ -262,15 +263,15 @@ def test_bad_method_flags_exit_with_status_2(micro, tmp_path, capsys):
 
 
 def test_config_of_a_comparison_names_only_each_methods_own_knobs():
-    args = smolora.parse_args(["--tasks", "scienceqa,gqa", "--method", "lora,replay,ewc", "--out", "cmp",
-                               "--replay-ratio", "0.2"])
-    lora, replay, ewc = (smolora.make_config(args, m) for m in ("lora", "replay", "ewc"))
-    assert smolora.make_config(args) == lora                                       # the first method by default
-    assert [c["out"] for c in (lora, replay, ewc)] == ["cmp/lora", "cmp/replay", "cmp/ewc"]
-    assert (lora["replay_ratio"], replay["replay_ratio"], ewc["replay_ratio"]) == (None, 0.2, None)
-    assert (lora["ewc_lambda"], ewc["ewc_lambda"]) == (None, smolora.EWC_LAMBDA)
-    single = smolora.make_config(smolora.parse_args(["--tasks", "scienceqa,gqa", "--method", "olora"]))
-    assert single["out"] == "runs/olora-scienceqa-gqa" and single["olora_lambda"] == smolora.OLORA_LAMBDA
+    lora, replay, ewc = smolora.parse_configs(["--tasks", "scienceqa,gqa", "--method", "lora,replay,ewc",
+                                               "--out", "cmp", "--replay-ratio", "0.2"])
+    assert [c.out for c in (lora, replay, ewc)] == ["cmp/lora", "cmp/replay", "cmp/ewc"]
+    assert (lora.replay_ratio, replay.replay_ratio, ewc.replay_ratio) == (None, 0.2, None)
+    assert (lora.ewc_lambda, ewc.ewc_lambda) == (None, smolora.Config.ewc_lambda)
+    single, = smolora.parse_configs(["--tasks", "scienceqa,gqa", "--method", "olora"])
+    assert single.out == "runs/olora-scienceqa-gqa" and single.olora_lambda == smolora.Config.olora_lambda
+    with pytest.raises(ValueError, match="--ewc-lambda 10.0 is not allowed with --method 'lora'"):
+        smolora.parse_configs(["--tasks", "scienceqa", "--method", "lora", "--ewc-lambda", "10"])
 
 
 def test_ewc_fisher_is_taken_on_a_seeded_sample_of_the_task(monkeypatch):
@@ -287,7 +288,7 @@ def test_ewc_fisher_is_taken_on_a_seeded_sample_of_the_task(monkeypatch):
 
 def test_weight_decay_follows_each_paper_on_a_real_checkpoint_and_the_flag_wins():
     def decay(*extra):
-        return smolora.make_config(smolora.parse_args(["--tasks", "scienceqa,gqa", *extra]))["weight_decay"]
+        return smolora.parse_configs(["--tasks", "scienceqa,gqa", *extra])[0].weight_decay
     assert decay("--model", "llava", "--method", "smolora") == 0.01     # SMoLoRA's scripts
     assert decay("--model", "llava", "--method", "moelora") == 0.0      # CoIN's
     assert decay("--method", "smolora") == 0.0                          # the tiny base
@@ -298,11 +299,12 @@ def test_weight_decay_follows_each_paper_on_a_real_checkpoint_and_the_flag_wins(
 
 def test_real_checkpoint_defaults_follow_each_paper_at_a_global_batch_of_64():
     def config(*extra):
-        return smolora.make_config(smolora.parse_args(["--tasks", "scienceqa,gqa", *extra]))
+        return smolora.parse_configs(["--tasks", "scienceqa,gqa", *extra])[0]
     ours, coins = config("--model", "llava", "--method", "smolora"), config("--model", "llava", "--method", "moelora")
-    assert (ours["lr"], coins["lr"]) == (1e-4, 2e-4)                      # SMoLoRA's scripts, CoIN's
-    assert ours["batch_size"] * ours["grad_accum"] == coins["batch_size"] * coins["grad_accum"] == 64
-    assert config("--method", "smolora")["grad_accum"] == 1               # the tiny model: unchanged
-    assert config("--model", "llava", "--grad-accum", "2")["grad_accum"] == 2
+    assert (ours.lr, coins.lr) == (1e-4, 2e-4)                            # SMoLoRA's scripts, CoIN's
+    assert ours.batch_size * ours.grad_accum == coins.batch_size * coins.grad_accum == 64
+    assert config("--method", "smolora").grad_accum == 1                  # the tiny model: unchanged
+    assert config("--model", "llava", "--grad-accum", "2").grad_accum == 2
+    assert smolora.Config.paper("moelora", tasks="scienceqa,gqa", model="llava") == coins   # in Python
     with pytest.raises(ValueError, match="--grad-accum 0"):
         config("--grad-accum", "0")

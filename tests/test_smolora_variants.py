@@ -198,7 +198,7 @@ def test_task_routing_sends_every_wording_of_a_task_to_one_if_expert(micro):
     torch.manual_seed(0)
     smolora.add_adapters(model, "smolora", r=8, alpha=16, num_experts=4)
     embed = lambda strings: smolora.embed_instructions(model, processor, strings)     # noqa: E731
-    cfg = {"if_routing": "task", "ins_encoder": None}
+    cfg = smolora.Config(tasks="scienceqa", if_routing="task")
     picks = {}
     for task in ("scienceqa", "grounding", "places365"):
         records = data.load_records(micro / "data", task, "test", "diverse")
@@ -209,7 +209,7 @@ def test_task_routing_sends_every_wording_of_a_task_to_one_if_expert(micro):
         picks[task] = smolora.routing_picks(model, processor, tagged, batch_size=4)  # (N, layers, 2)
         assert all(p[layer][1] == picks[task][0][layer][1] for p in picks[task] for layer in range(8))
     # by sample (the default) the routers read each record's own prompt, and no embedding is attached
-    assert smolora.with_instruction_embeddings(records, "places365", {"if_routing": "sample", "ins_encoder": None},
+    assert smolora.with_instruction_embeddings(records, "places365", smolora.Config(tasks="scienceqa"),
                                                embed) is records
 
 
@@ -280,7 +280,7 @@ def test_fewshot_resumes_to_the_uninterrupted_result(micro, tmp_path, monkeypatc
 def test_bad_variant_flags_exit_with_status_2(micro, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     for extra, message in [(["--method", "lora", "--smolora-parts", "vu"], "--smolora-parts 'vu'"),
-                           (["--smolora-parts", "if,vu"], "--smolora-parts 'if,vu'"),
+                           (["--smolora-parts", "if,vu"], "'if,vu' (--smolora-parts)"),
                            (["--method", "moelora", "--if-routing", "task"], "--if-routing 'task'"),
                            (["--fewshot", "scienceqa:5"], "--fewshot 'scienceqa:5'"),
                            (["--fewshot", "places365:0"], "--fewshot 'places365:0'"),
@@ -292,15 +292,16 @@ def test_bad_variant_flags_exit_with_status_2(micro, tmp_path, capsys):
 
 
 def test_a_smolora_variant_runs_in_its_own_folder_and_other_methods_carry_no_smolora_knobs():
-    def config(*extra, method=None):
-        return smolora.make_config(smolora.parse_args(["--tasks", "scienceqa,gqa", *extra]), method)
+    def config(*extra):
+        return smolora.parse_configs(["--tasks", "scienceqa,gqa", *extra])[0]
     default = config()
-    assert (default["out"], default["if_routing"], default["smolora_parts"]) == (
+    assert (default.out, default.if_routing, default.smolora_parts) == (
         "runs/smolora-scienceqa-gqa", "sample", "vu,if,fusion")
-    assert config("--smolora-parts", "vu")["out"] == "runs/smolora-vu-scienceqa-gqa"
-    assert config("--if-routing", "task", "--smolora-parts", "vu,if")["out"] == \
+    assert config("--smolora-parts", "vu").out == "runs/smolora-vu-scienceqa-gqa"
+    assert config("--if-routing", "task", "--smolora-parts", "vu,if").out == \
         "runs/smolora-vu+if-task-routing-scienceqa-gqa"
-    lora = config("--method", "lora,smolora", "--if-routing", "task", method="lora")
-    assert (lora["if_routing"], lora["smolora_parts"], lora["ins_encoder"]) == (None, None, None)
-    assert config("--fewshot", "places365:5,10", "--fewshot", "vizwiz:1")["fewshot"] == {"places365": [5, 10],
-                                                                                        "vizwiz": [1]}
+    lora = config("--method", "lora,smolora", "--if-routing", "task")
+    assert (lora.method, lora.if_routing, lora.smolora_parts, lora.ins_encoder) == ("lora", None, None, None)
+    fewshot = config("--fewshot", "places365:5,10", "--fewshot", "vizwiz:1").fewshot
+    assert fewshot == {"places365": [5, 10], "vizwiz": [1]}
+    assert smolora.Config(tasks="scienceqa,gqa", fewshot={"places365": [5, 10]}).fewshot == {"places365": [5, 10]}
