@@ -1,17 +1,18 @@
 """The benchmark behind the README's Results: one protocol, three seeds, every claim of both papers put to a test.
 
     python tests/benchmark.py             # run what is missing (resumable at any point), then rewrite the tables
-    python tests/benchmark.py --tables    # only rewrite the README's tables from docs/results/
+    python tests/benchmark.py --tables    # only rewrite the tables from docs/results/
 
-The protocol (the README states it beside the tables):
+The protocol (docs/results/README.md states it beside the tables):
 1. A learning rate per method, chosen once: each method runs the validation sequence (VALIDATION's three tasks,
    trained on their training records but the last VALIDATION_RECORDS, evaluated on those held-out ones, so no
    test record is ever seen) at every rate of LR_GRID with seed 0; the rate with the best MAP (Multitask: AP) wins.
 2. Every row of every experiment runs on SEEDS at its method's rate. The seed moves adapter init, data order and
    dropout; the synthetic data is the same for all (the one made with seed 0).
 3. A finished run's results.json is copied at once to docs/results/<experiment>/<row>/seed<k>.json (SMoLoRA's
-   routing.md beside it), so an interrupted benchmark loses at most the run under way. The README's tables are
-   made from those files alone; tests/test_benchmark.py remakes them and fails on any difference.
+   routing.md beside it), so an interrupted benchmark loses at most the run under way. The tables are made from
+   those files alone: the README's headline table (its `<!-- benchmark:NAME -->` blocks) and docs/results/README.md,
+   written whole from RESULTS_PAGE; tests/test_benchmark.py remakes both and fails on any difference.
 """
 import argparse
 import concurrent.futures
@@ -22,6 +23,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +36,7 @@ import smolora   # noqa: E402
 RESULTS = ROOT / "docs" / "results"
 RUNS = ROOT / "runs" / "benchmark"
 README = ROOT / "README.md"
+RESULTS_README = RESULTS / "README.md"   # every table, written whole from docs/results
 SEEDS = (0, 1, 2)
 LR_GRID = (1e-3, 2e-3, 5e-3)
 VALIDATION = ("scienceqa", "textvqa", "imagenet")
@@ -253,43 +256,167 @@ def learning_table(rates):
     return table(("method", *(f"MAP at {lr:g}" for lr in LR_GRID), "chosen"), lines)
 
 
-def unlearned(experiment, reference):
-    """Rows whose mean score right after learning a task is under 80% of DirLoRA's mean on it in the `reference`
-    experiment (the same tasks, the trained wording): ["row on task: its score (DirLoRA's)"]."""
-    dirlora = [diagonal(r) for r in seeds_of(reference, "dirlora")]
-    if not dirlora or None in dirlora:
-        return []
-    theirs = [statistics.mean(column) for column in zip(*dirlora)]
-    found = []
+def mean_diagonals(experiment):
+    """{row: its mean score on each task right after learning it}, for the rows that learn one task a stage."""
+    found = {}
     for row in EXPERIMENTS[experiment][1]:
         runs = seeds_of(experiment, row)
         if runs and None not in map(diagonal, runs):
-            for task, mine, best in zip(runs[0]["tasks"], zip(*map(diagonal, runs)), theirs):
-                if statistics.mean(mine) < 0.8 * best:
-                    found.append(f"{row} on {task}: {statistics.mean(mine):.1f} (DirLoRA {best:.1f})")
+            found[row] = [statistics.mean(column) for column in zip(*map(diagonal, runs))]
     return found
 
 
+def learned_table(experiment, reference):
+    """Each row's mean score on each task right after learning it, DirLoRA's of the `reference` experiment (the same
+    tasks, the trained wording) first; **bold** where under 80% of DirLoRA's: the task was not learned."""
+    rows, theirs = mean_diagonals(experiment), mean_diagonals(reference).get("dirlora")
+    if not rows or not theirs:
+        return ""
+    tasks = seeds_of(reference, "dirlora")[0]["tasks"]
+    lines = ["| DirLoRA, the reference | " + " | ".join(f"{v:.1f}" for v in theirs) + " |"]
+    lines += [f"| {row} | " + " | ".join(f"**{v:.1f}**" if v < 0.8 * best else f"{v:.1f}"
+                                         for v, best in zip(mine, theirs)) + " |"
+              for row, mine in rows.items() if not (row == "dirlora" and experiment == reference)]
+    return table(("right after learning", *tasks), lines)
+
+
+def routing_tables(path):
+    """A routing.md below its title: its note wrapped to 110 characters, its headings one level down."""
+    if not path.exists():
+        return ""
+    lines = path.read_text().splitlines()[2:]
+    return "\n".join("#" + line if line.startswith("## ") else
+                     line if line.startswith("|") or not line else textwrap.fill(line, 110) for line in lines)
+
+
 def tables():
-    """{block name: its markdown}, every number from docs/results."""
+    """{block name: its markdown} for the README's `<!-- benchmark:NAME -->` blocks, every number from docs/results."""
+    return {"coin": main_table("coin", chosen_rates())}
+
+
+def results_blocks():
+    """{name: its markdown} for docs/results/README.md, every number from docs/results."""
     rates = chosen_rates()
     seconds = sum(json.loads(p.read_text()).get("seconds") or 0 for p in RESULTS.rglob("*.json"))
-    blocks = {"rates": learning_table(rates),
-              "cost": f"The runs in docs/results: {seconds / 3600:.1f} hours, the sum of their own wall times "
-                      "(two ran at a time).",
-              "routing": "\n".join((RESULTS / "coin" / "smolora" / "seed0-routing.md").read_text().splitlines()[2:])
-              if (RESULTS / "coin" / "smolora" / "seed0-routing.md").exists() else ""}
+    blocks = {"rates": learning_table(rates), "cost": f"{seconds / 3600:.1f} hours",
+              "routing": routing_tables(RESULTS / "coin" / "smolora" / "seed0-routing.md")}
     for experiment in EXPERIMENTS:
         blocks[experiment] = main_table(experiment, rates)
-        missed = unlearned(experiment, LEARNING_REFERENCE[experiment]) if experiment in LEARNING_REFERENCE else []
-        blocks[experiment] += ("\n\nUnder 80% of DirLoRA's score right after learning a task: " + "; ".join(missed) +
-                               ".") if missed else ""
+        if experiment in LEARNING_REFERENCE:
+            blocks[experiment + "-learned"] = learned_table(experiment, LEARNING_REFERENCE[experiment])
     blocks["smolora-unseen"] = unseen_table("smolora")
     blocks["diverse-unseen"] = unseen_table("diverse")
     return blocks
 
 
 BLOCK = re.compile(r"(<!-- benchmark:([\w-]+) -->\n)(.*?)(<!-- /benchmark -->)", re.S)   # content: lines
+SLOT = re.compile(r"\{\{([\w-]+)\}\}")                                                  # {{NAME}} in RESULTS_PAGE
+
+
+# docs/results/README.md: this text, each {{NAME}} replaced by results_blocks()[NAME]. It is written by --tables and
+# remade by tests/test_benchmark.py, which fails on any difference: edit the text here, never the file.
+RESULTS_PAGE = """\
+# The benchmark: every table
+
+<!-- Written by `python tests/benchmark.py --tables` from the result files in this folder. Do not edit it by
+hand: tests/test_benchmark.py remakes it and fails on any difference. -->
+
+Every number below is made by `tests/benchmark.py` from the result files committed beside this page, one JSON
+file per run (`<experiment>/<row>/seed<k>.json`, SMoLoRA's `routing.md` beside it). The
+[README](../../README.md#results) shows the CoIN table and says, claim by claim, what the numbers say about
+the two papers.
+
+```bash
+python tests/benchmark.py             # runs what docs/results/ lacks (resumable), then rewrites the tables
+python tests/benchmark.py --tables    # only rewrites the tables, this page and the pictures
+```
+
+## The protocol
+
+- **Model, data, scale.** The pretrained tiny base and the synthetic mini-CoIN (made once, with seed 0, the
+  same for every run), with the tiny defaults (r 32, alpha 64, 8 experts, top-1, batch 32, 8 epochs), 300
+  training and 40 test records per task: one test sample of a VQA task is 2.5 points.
+- **Learning rates, one rule for all.** Each method's rate is the one of 1e-3, 2e-3 and 5e-3 with the best MAP
+  (Multitask: AP) on a validation sequence, ScienceQA -> TextVQA -> ImageNet, seed 0. The validation sequence
+  trains on those tasks' training records but their last 60 and is scored on those 60, so no test record
+  chooses a rate. The ablation's variants and the few-shot tuning take SMoLoRA's rate.
+- **Three seeds.** Every row runs with seeds 0, 1 and 2, which move the adapters' initialisation, the data
+  order and the dropout; the data stay the same. A table gives the mean ± the sample standard deviation over
+  the seeds. A difference smaller than the spread is a tie.
+- **Learned, or said not to be.** Under a table, its rows' mean scores on each task right after learning it,
+  in bold where under 80% of DirLoRA's on that task: by this rule the row did not learn the task.
+- **Evaluations from saved adapters.** The reworded-instruction rows and the ablation's full-method row train
+  exactly like a row of another table (`SAME_TRAINING` in the script): they take its stage adapters and only
+  evaluate. Where both exist, their matrices reproduced the originals' bit for bit.
+- **Cost.** The runs' own wall times add up to {{cost}}; two ran at a time, one thread each, on the
+  development machine's 2-core CPU.
+
+How to read the columns:
+- **AP** is the mean final score, **MFT** the mean score of each task right after it was learned, **MAP** the
+  mean over stages of the mean score over the tasks seen so far, **BWT** the mean change from right after
+  learning to the end (divided by T-1), **MIF** the mean share of final answers in the asked format, **GK**
+  the mean final knowledge (the rule judge, `eval.knowledge`).
+- The last three columns split an earlier task's drop, in points, by its final answers
+  (`eval.dual_forgetting`): **format broke, knowledge kept** (lost instruction alignment, CoIN's finding),
+  **format broke, knowledge lost**, and **format held** (the answer in the asked format, but wrong).
+
+## The learning rates
+
+Each method's validation MAP at each rate, and the rate chosen (a tie goes to the lower rate).
+
+{{rates}}
+
+## CoIN's 8 tasks, every method
+
+{{coin}}
+
+{{coin-learned}}
+
+![CoIN: the means over the seeds](coin/compare.png)
+
+## SMoLoRA's 6 tasks, with unseen tasks and Places365 few-shot
+
+{{smolora}}
+
+{{smolora-learned}}
+
+The unseen tasks, never trained, after the last stage; Places365 after tuning one epoch on 5 and on 10
+examples per class, from the final adapters (neither is in AP):
+
+{{smolora-unseen}}
+
+![SMoLoRA's tasks: the means over the seeds](smolora/compare.png)
+
+## Reworded instructions
+
+The same training as the table above (default wording), evaluated with the five paraphrases per task that
+training never saw (`--instructions diverse`); the last row routes instructions by the task's identity, the
+official scheme (`--if-routing task`, an oracle):
+
+{{diverse}}
+
+{{diverse-unseen}}
+
+![reworded instructions: the means over the seeds](diverse/compare.png)
+
+## SMoLoRA's ablation
+
+On SMoLoRA's 6 tasks: the VU pool alone, the IF pool alone, both summed, both fused (the full method), with
+the IF router reading each sample's instruction (`sample`, ours) or the task's (`task`, official), and the
+full method with top-2 routing, which trains the routers.
+
+{{ablation}}
+
+{{ablation-learned}}
+
+![the ablation: the means over the seeds](ablation/compare.png)
+
+## Where SMoLoRA's routers send each task
+
+CoIN, seed 0, after the last stage (`routing.md` of the run).
+
+{{routing}}
+"""
 
 
 def with_tables(readme, blocks):
@@ -297,19 +424,26 @@ def with_tables(readme, blocks):
     return BLOCK.sub(lambda m: m.group(1) + blocks[m.group(2)] + "\n" + m.group(4), readme)
 
 
+def results_page(blocks):
+    """docs/results/README.md: RESULTS_PAGE with every {{NAME}} replaced by blocks[NAME]."""
+    return SLOT.sub(lambda m: blocks[m.group(1)], RESULTS_PAGE)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="The README's benchmark: runs what is missing, then the tables.")
-    p.add_argument("--tables", action="store_true", help="only rewrite the README's tables from docs/results")
+    p.add_argument("--tables", action="store_true",
+                   help="only rewrite the README's table, docs/results/README.md and the pictures from docs/results")
     p.add_argument("--workers", type=int, default=2, help="runs at a time, one thread each (default 2: one a core)")
     args = p.parse_args(argv)
     if not args.tables:
         run_all(args.workers)
     eval.write_atomic(README, with_tables(README.read_text(), tables()))
+    eval.write_atomic(RESULTS_README, results_page(results_blocks()))
     for experiment, (_, table) in EXPERIMENTS.items():   # its picture: the means over the seeds, as bars
         runs = [mean_run(seeds_of(experiment, row), row) for row in table if seeds_of(experiment, row)]
         if runs:
             eval.write_comparison(RESULTS / experiment, runs)
-    print(f"README tables rewritten from {RESULTS.relative_to(ROOT)}")
+    print(f"README table and {RESULTS_README.relative_to(ROOT)} rewritten from {RESULTS.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
