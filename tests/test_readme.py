@@ -151,8 +151,7 @@ def readme_commands():
 def test_readme_commands_parse(argv, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)        # the GPU command parses on any machine
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    config = smolora.make_config(smolora.parse_args(argv))
-    assert config["tasks"]
+    assert all(config.tasks for config in smolora.parse_configs(argv))
 
 
 def test_readme_shows_the_default_command_and_the_gpu_command():

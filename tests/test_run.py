@@ -296,3 +296,21 @@ def test_a_checkpoint_asking_for_its_own_code_never_runs_it(micro, tmp_path):
     except ValueError as e:
         assert "not a LLaVA checkpoint" in str(e) and "\n" not in str(e)
     assert not (tmp_path / "ran").exists()
+
+
+def test_every_flag_is_a_config_field_with_the_fields_default():
+    import argparse
+    from dataclasses import MISSING, fields
+    flags = {a.dest: a for a in smolora.command_line()._actions if a.dest != "help"}
+    knobs = {k.name: k for k in fields(smolora.Config)}
+    assert list(flags) == list(knobs)                                  # one flag per field, in its order
+    assert all(a.default is argparse.SUPPRESS for a in flags.values())  # no default written twice
+    given, = smolora.parse_configs(["--tasks", "scienceqa"])
+    assert given == smolora.Config(tasks=["scienceqa"]) and given.r == 32 and given.replay_ratio is None
+    for name, knob in knobs.items():
+        if knob.default not in (MISSING, None, False):
+            assert f"default {knob.default}" in flags[name].help, name
+            if not knob.metadata.get("owner"):                          # the flag typed back gives it
+                again, = smolora.parse_configs(["--tasks", "scienceqa", f"--{name.replace('_', '-')}",
+                                                str(knob.default)])
+                assert again == given, name

@@ -6,7 +6,9 @@ The cells assert their own claims too (the adapters against the papers' equation
 gradient, the metrics by hand against eval.continual_metrics). Timings ("31 s") vary from run to run and are
 left out of the comparison; pictures are compared by their presence, not their bytes. The continual runs
 need the pretrained tiny base: the notebook builds it in smolora.CACHE if it is not there (about 2 minutes).
+The workbench cell defines an adapter class and runs it in the kernel: its run must have used that class.
 """
+import json
 import re
 from pathlib import Path
 
@@ -58,3 +60,10 @@ def test_notebook_runs_in_a_kernel_and_shows_what_the_code_produces(tmp_path, mo
                    resources={"metadata": {"path": str(tmp_path)}}).execute()   # raises on any cell's error
     for k, (then, now) in enumerate(zip(shown(committed), shown(fresh))):
         assert then == now, f"code cell {k}: the committed outputs show {then}, the current code {now}"
+    # the workbench: the cell's LoRA-FA built every adapted layer of its in-process run, and A never moved
+    workbench = next(c for c in fresh.cells if c.cell_type == "code" and "class LoRAFALinear" in c.source)
+    said = "".join(o.get("text", "") for o in workbench.outputs)
+    assert re.search(r"^14 layers were LoRAFALinear", said, re.M), said       # 2 layers x 7 linears
+    assert "A after stage 2 equals A after stage 1: True; B too: False" in said
+    run = tmp_path / "runs" / "tutorial" / "lorafa"
+    assert json.loads((run / "results.json").read_text())["method"] == "lorafa"
