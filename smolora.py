@@ -1,4 +1,4 @@
-"""smolora: continual visual instruction tuning with LoRA, DoRA, O-LoRA, MoELoRA (CoIN) and SMoLoRA, by hand.
+"""smolora: continual visual instruction tuning by hand: LoRA, DoRA, O-LoRA, MoELoRA, SMoLoRA.
 
 Part A, the method, read top to bottom beside the papers:
   1. the adapters, each forward beside its formula;
@@ -8,8 +8,8 @@ Part A, the method, read top to bottom beside the papers:
   5. the continual run: Config, every knob and its default, then `run`, the protocol.
 Part B, running it, which a student may skip: the tiny base model, the run folder and checkpoints
 (resume, Ctrl-C, NaN), the command line.
-Notation as in the papers: x a token's input to a linear layer, W0 the frozen weight, r the total rank,
-s = alpha / r the LoRA scale (the TOTAL rank r in both papers' code, also for the mixtures).
+Notation as in the papers: x a token's input to a linear layer, W0 the frozen weight, r the total
+rank, s = alpha / r the LoRA scale (the TOTAL rank r in both papers' code, also for the mixtures).
 The README's table "Equations in the code" numbers every formula and says where it is in the papers.
 """
 import argparse
@@ -51,7 +51,7 @@ import eval
 #    away AdamW's small updates); the adapter path computes in float32 and is cast back.
 
 class LoRALinear(nn.Module):
-    """LoRA (Hu et al. 2021):  h = W0 x + s * B A dropout(x),  A (r, in), B (out, r), s = alpha / r."""
+    """LoRA (Hu et al. 2021): h = W0 x + s * B A dropout(x), A (r, in), B (out, r), s = alpha/r."""
 
     def __init__(self, base: nn.Linear, r=8, alpha=16, dropout=0.0):
         super().__init__()
@@ -60,7 +60,7 @@ class LoRALinear(nn.Module):
         self.base, self.r, self.scaling = base, r, alpha / r
         kw = dict(device=base.weight.device, dtype=torch.float32)
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **kw))  # B = 0: h == W0 x at init
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **kw))  # B = 0: h = W0 x
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))                # as PEFT / loralib
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.merged = False
@@ -99,7 +99,7 @@ class LoRALinear(nn.Module):
 class DoRALinear(LoRALinear):
     """DoRA (Liu et al. 2024, weight-decomposed LoRA): the LoRA-updated weight split into a learned
     magnitude per output row and a direction, its norm a constant in the backward pass (as PEFT):
-        W' = m * (W0 + s B A) / ||W0 + s B A||,   m (out,) initialised to ||W0|| per row: W' = W0 at init
+        W' = m * (W0 + s B A) / ||W0 + s B A||,  m (out,) starts as ||W0|| per row: W' = W0 at init
         h  = W' x + b,  computed as PEFT does:
              W0 x + b + (m/n - 1) W0 dropout(x) + (m/n) s B A dropout(x)"""
 
@@ -109,17 +109,17 @@ class DoRALinear(LoRALinear):
 
     @torch.no_grad()              # detached: a constant in the backward pass
     def weight_norm(self):
-        return (self.base.weight.float() + self.delta_weight()).norm(dim=1)   # n = ||W0 + s B A|| (out,)
+        return (self.base.weight.float() + self.delta_weight()).norm(dim=1)  # n = ||W0+sBA|| (out,)
 
     def forward(self, x):
-        h = self.base(x)                                             # W0 x + b            (B, L, out)
+        h = self.base(x)                                           # W0 x + b           (B, L, out)
         if self.merged:
             return h
-        scale = self.magnitude / self.weight_norm()                  # m / n               (out,)
-        xd = self.dropout(x.to(self.lora_A.dtype))                   # dropout(x), as PEFT
-        plain = xd @ self.base.weight.float().T                      # W0 dropout(x)       (B, L, out)
-        z = self.scaling * (xd @ self.lora_A.T) @ self.lora_B.T      # s B A dropout(x)    (B, L, out)
-        return h + ((scale - 1) * plain + scale * z).to(h.dtype)     # W' x + b
+        scale = self.magnitude / self.weight_norm()                # m / n              (out,)
+        xd = self.dropout(x.to(self.lora_A.dtype))                 # dropout(x), as PEFT
+        plain = xd @ self.base.weight.float().T                    # W0 dropout(x)      (B, L, out)
+        z = self.scaling * (xd @ self.lora_A.T) @ self.lora_B.T    # s B A dropout(x)   (B, L, out)
+        return h + ((scale - 1) * plain + scale * z).to(h.dtype)   # W' x + b
 
     def merged_weight(self, W0):
         self.merged_norm = self.weight_norm()                        # n, kept to unmerge
@@ -132,11 +132,11 @@ class DoRALinear(LoRALinear):
 
 
 class OLoRALinear(LoRALinear):
-    """O-LoRA (Wang et al. 2023, orthogonal subspace learning): each task tunes a new LoRA; the earlier
-    tasks' LoRAs stay in the model, frozen, and the new A is pushed out of the row space of theirs.
+    """O-LoRA (Wang et al. 2023, orthogonal subspace learning): each task tunes a new LoRA; the
+    earlier tasks' LoRAs stay in the model, frozen, and the new A is pushed out of their row space.
         h      = W0 x + sum_{j<t} s B_j A_j x + s B_t A_t x
-        L_orth = sum_{j<t} sum |A_j A_t^T|   (the official code's L1; the paper writes the squared norm)
-    The frozen LoRAs are stacked in buffers sized for all the run's tasks (zeros for those to come)."""
+        L_orth = sum_{j<t} sum |A_j A_t^T|    (the official code's L1; the paper squares the norm)
+    The frozen LoRAs are stacked in buffers sized for all the run's tasks (zeros: tasks to come)."""
 
     def __init__(self, base: nn.Linear, r=8, alpha=16, dropout=0.0, num_tasks=1):
         # ours: the rank budget r shared, r/T per task, so that the T A's can be orthogonal and
@@ -145,8 +145,8 @@ class OLoRALinear(LoRALinear):
         super().__init__(base, rank, alpha * rank / r, dropout)
         kw = dict(device=base.weight.device, dtype=torch.float32)
         past_rank = num_tasks * rank
-        self.register_buffer("past_A", torch.zeros(past_rank, base.in_features, **kw))   # [A_1; ..; 0]
-        self.register_buffer("past_B", torch.zeros(base.out_features, past_rank, **kw))  # [B_1 .. 0]
+        self.register_buffer("past_A", torch.zeros(past_rank, base.in_features, **kw))  # [A_1; ..]
+        self.register_buffer("past_B", torch.zeros(base.out_features, past_rank, **kw))  # [B_1 ..]
 
     def forward(self, x):
         h = super().forward(x)                                       # W0 x + s B_t A_t x
@@ -193,14 +193,14 @@ class MoELoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward(self, x):
-        h = self.base(x)                                              # W0 x               (B, L, out)
+        h = self.base(x)                                            # W0 x               (B, L, out)
         x = x.to(self.lora_A.dtype)
         E, rank, d_in = self.lora_A.shape
-        g = torch.softmax(self.router(x), dim=-1)                     # g = softmax(W_g x) (B, L, E)
-        z = self.dropout(x) @ self.lora_A.reshape(E * rank, d_in).T   # A_e x, all e       (B, L, r)
-        z = (z.unflatten(-1, (E, rank)) * g.unsqueeze(-1)).flatten(-2)  # g_e A_e x        (B, L, r)
-        B_all = self.lora_B.permute(1, 0, 2).reshape(-1, E * rank)    # [B_1 ... B_E]      (out, r)
-        return h + (self.scaling * z @ B_all.T).to(h.dtype)           # + s sum_e g_e B_e A_e x
+        g = torch.softmax(self.router(x), dim=-1)                   # g = softmax(W_g x) (B, L, E)
+        z = self.dropout(x) @ self.lora_A.reshape(E * rank, d_in).T  # A_e x, all e      (B, L, r)
+        z = (z.unflatten(-1, (E, rank)) * g.unsqueeze(-1)).flatten(-2)  # g_e A_e x      (B, L, r)
+        B_all = self.lora_B.permute(1, 0, 2).reshape(-1, E * rank)  # [B_1 ... B_E]      (out, r)
+        return h + (self.scaling * z @ B_all.T).to(h.dtype)         # + s sum_e g_e B_e A_e x
 
 
 SMOLORA_PARTS = (("vu",), ("if",), ("vu", "if"), ("vu", "if", "fusion"))  # the ablation, full last
@@ -214,7 +214,7 @@ def gather_experts(stacked, experts):
 
 class SMoLoRALinear(nn.Module):
     """SMoLoRA: a separable mixture of LoRA, two pools of E/2 experts and two routers.
-    Experts [0, E/2) form the visual-understanding (VU) pool, [E/2, E) the instruction-following (IF) pool.
+    Experts [0, E/2) form the visual-understanding (VU) pool, [E/2, E) instruction-following (IF).
         G_vu = softmax(top_k(R_vu . Avg(x)))              per sample; Avg over this layer's input
         G_if = softmax(top_k(R_if . f(X_ins)))            per sample; f the instruction embedding
         x_vu = sum_{i in VU} G_vu,i * s * B_i A_i x       x_if likewise over the IF pool
@@ -222,9 +222,9 @@ class SMoLoRALinear(nn.Module):
         h = W0 x + alpha_t * x_vu + beta_t * x_if
     The paper's ablation (`parts`): vu: h = W0 x + x_vu, if: h = W0 x + x_if (the other pool unused,
     untrained); vu,if: h = W0 x + x_vu + x_if; vu,if,fusion: the full method above.
-    With top_k = 1 (the paper's) the softmax over one kept logit is the constant 1, so R_vu and R_if get
-    no gradient: they stay the random projections they were initialised as, frozen here as officially
-    (out of the optimizer); top_k >= 2 trains them."""
+    With top_k = 1 (the paper's) the softmax over one kept logit is the constant 1, so R_vu and R_if
+    get no gradient: they stay the random projections they were initialised as, frozen here as
+    officially (out of the optimizer); top_k >= 2 trains them."""
 
     def __init__(self, base: nn.Linear, r=128, alpha=256, num_experts=8, top_k=1, ins_dim=None,
                  dropout=0.05, parts=SMOLORA_PARTS[-1]):
@@ -240,7 +240,7 @@ class SMoLoRALinear(nn.Module):
         self.if_router = nn.Linear(ins_dim or base.in_features, pool, bias=False, **kw)   # R_if
         self.vu_router.requires_grad_(top_k > 1)       # top-1: no gradient reaches them (above)
         self.if_router.requires_grad_(top_k > 1)
-        if self.fusion:   # I_vu, I_if (1, out): no bias, as the paper writes and the official code builds
+        if self.fusion:   # I_vu, I_if (1, out): no bias, as in the paper and the official code
             self.fuse_vu, self.fuse_if = (nn.Linear(base.out_features, 1, bias=False, **kw)
                                           for _ in range(2))
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
@@ -250,14 +250,14 @@ class SMoLoRALinear(nn.Module):
     def check(parts, num_experts, top_k):
         """Refuse, in one line, what SMoLoRA cannot be built with."""
         if tuple(parts) not in SMOLORA_PARTS:
-            raise ValueError(f"SMoLoRA's parts {','.join(parts)!r} (--smolora-parts) are not allowed: "
-                             f"choose {' | '.join(','.join(p) for p in SMOLORA_PARTS)}")
+            raise ValueError(f"SMoLoRA's parts {','.join(parts)!r} (--smolora-parts) are not "
+                             f"allowed: choose {' | '.join(','.join(p) for p in SMOLORA_PARTS)}")
         if num_experts < 2 or num_experts % 2:
-            raise ValueError(f"num_experts={num_experts} (--experts) is not allowed for SMoLoRA: it "
-                             f"must be even (two pools)")
+            raise ValueError(f"num_experts={num_experts} (--experts) is not allowed for SMoLoRA: "
+                             f"it must be even (two pools)")
         if not 1 <= top_k <= num_experts // 2:
-            raise ValueError(f"top_k={top_k} (--top-k) is not allowed with num_experts={num_experts}: "
-                             f"between 1 and {num_experts // 2}")
+            raise ValueError(f"top_k={top_k} (--top-k) is not allowed with "
+                             f"num_experts={num_experts}: between 1 and {num_experts // 2}")
 
     def set_routing(self, mask, ins):
         """What the next forward routes on: the attention mask (B, L) or None, f(X_ins) (B, d)."""
@@ -273,22 +273,23 @@ class SMoLoRALinear(nn.Module):
                                  "model first")
             return self.routing
         if ins is None:
-            raise ValueError("SMoLoRA needs the instruction embedding: call set_routing(model, mask, "
-                             "ins) or pass ins= to the layer")
+            raise ValueError("SMoLoRA needs the instruction embedding: call set_routing(model, "
+                             "mask, ins) or pass ins= to the layer")
         if mask is None:
             avg = x.mean(dim=1)                                      # Avg(x)             (B, in)
-        else:   # ours: the mean over non-padding tokens, so a sample's routing ignores its batch-mates
+        else:   # ours: the mean over non-padding tokens: a sample's routing ignores its batch-mates
             m = mask.to(x.dtype).unsqueeze(-1)                       # (B, L, 1)
             avg = (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)     # Avg(x)             (B, in)
-        vu_logit, vu_expert = self.vu_router(avg).topk(self.top_k, dim=-1)    # top_k(R_vu . Avg(x))
-        if_logit, if_expert = self.if_router(ins.to(avg.dtype)).topk(self.top_k, dim=-1)  # (R_if . f)
-        gates = torch.softmax(torch.stack([vu_logit, if_logit], dim=1), dim=-1)   # G_vu, G_if (B, 2, k)
-        experts = torch.stack([vu_expert, if_expert + self.num_experts // 2], dim=1)   # (B, 2, k)
+        vu_logit, vu_expert = self.vu_router(avg).topk(self.top_k, dim=-1)   # top_k(R_vu . Avg(x))
+        if_logit, if_expert = self.if_router(ins.to(avg.dtype)).topk(self.top_k, dim=-1)  # R_if . f
+        logits = torch.stack([vu_logit, if_logit], dim=1)                    # (B, 2, k)
+        gates = torch.softmax(logits, dim=-1)                                # G_vu, G_if (B, 2, k)
+        experts = torch.stack([vu_expert, if_expert + self.num_experts // 2], dim=1)  # (B, 2, k)
         self.routing = (experts, gates)
         return self.routing
 
     def forward(self, x, mask=None, ins=None):
-        h = self.base(x)                                             # W0 x                (B, L, out)
+        h = self.base(x)                                            # W0 x               (B, L, out)
         x = x.to(self.lora_A.dtype)
         if mask is None and ins is None:
             mask, ins = self.routing_mask, self.routing_ins
@@ -296,22 +297,23 @@ class SMoLoRALinear(nn.Module):
         P = len(self.pools)                                          # the pools in use
         experts, gates = experts[:, self.pools], gates[:, self.pools]
         rank = self.lora_A.shape[1]
-        # Stacked form: gather each sample's kept experts, one batched matmul for all their A, one for B.
-        A = gather_experts(self.lora_A, experts).flatten(1, 3)       # (B, P*k*rank, in)
+        # Stacked: gather each sample's kept experts; one batched matmul for their A, one for B.
+        A = gather_experts(self.lora_A, experts).flatten(1, 3)      # (B, P*k*rank, in)
         # one dropout mask shared by the kept experts (ours; the official code draws one per expert)
-        z = torch.bmm(self.dropout(x), A.transpose(1, 2))            # A_i x               (B, L, P*k*rank)
+        z = torch.bmm(self.dropout(x), A.transpose(1, 2))           # A_i x        (B, L, P*k*rank)
         z = z.unflatten(-1, (P, self.top_k, rank)) * (self.scaling * gates)[:, None, :, :, None]
-        z = z.flatten(-2)                                            # G_i s A_i x, VU | IF (B, L, P, k*rank)
-        B = gather_experts(self.lora_B, experts).transpose(-1, -2).flatten(2, 3)  # B_i^T (B, P, k*rank, out)
+        z = z.flatten(-2)                                           # G_i s A_i x  (B, L, P, k*rank)
+        B = gather_experts(self.lora_B, experts)                    # (B, P, k, out, rank)
+        B = B.transpose(-1, -2).flatten(2, 3)                       # B_i^T     (B, P, k*rank, out)
         if self.fusion:
-            # I . x_pool = (I B_pool) . z_pool: the fusion logits are read in the rank space, so x_vu
-            # and x_if ((B, L, out) each) are never built apart (ours, exactly equal, a third faster).
-            I = torch.stack([self.fuse_vu.weight, self.fuse_if.weight])   # I_vu, I_if     (2, 1, out)
-            IB = (B @ I.transpose(1, 2)).squeeze(-1)                 # I_pool B_pool       (B, 2, k*rank)
-            logits = (z * IB[:, None]).sum(-1)                       # [I_vu . x_vu, I_if . x_if] (B, L, 2)
-            z = z * torch.softmax(logits, dim=-1).unsqueeze(-1)      # [alpha_t, beta_t] on each pool's z
-        delta = torch.bmm(z.flatten(2), B.flatten(1, 2))             # alpha_t x_vu + beta_t x_if, or sum
-        return h + delta.to(h.dtype)                                 # h = W0 x + alpha_t x_vu + beta_t x_if
+            # I . x_pool = (I B_pool) . z_pool: the fusion logits are read in the rank space, so
+            # x_vu and x_if ((B, L, out) each) are never built apart (ours, exactly equal, faster).
+            I = torch.stack([self.fuse_vu.weight, self.fuse_if.weight])   # I_vu, I_if (2, 1, out)
+            IB = (B @ I.transpose(1, 2)).squeeze(-1)                # I_pool B_pool (B, 2, k*rank)
+            logits = (z * IB[:, None]).sum(-1)                      # [I_vu . x_vu, I_if . x_if]
+            z = z * torch.softmax(logits, dim=-1).unsqueeze(-1)     # [alpha_t, beta_t] on each pool
+        delta = torch.bmm(z.flatten(2), B.flatten(1, 2))            # alpha_t x_vu + beta_t x_if
+        return h + delta.to(h.dtype)                        # h = W0 x + alpha_t x_vu + beta_t x_if
 
 
 ADAPTERS = {"lora": LoRALinear, "dora": DoRALinear, "olora": OLoRALinear, "moelora": MoELoRALinear,
@@ -320,13 +322,14 @@ ADAPTERS = {"lora": LoRALinear, "dora": DoRALinear, "olora": OLoRALinear, "moelo
 
 # ----------------------------------------------------------------------------------------------
 # 2. Into LLaVA (module names of transformers' LlavaForConditionalGeneration, as in
-#    llava-hf/llava-1.5-7b-hf): where each method's adapters go, f(X_ins), routing, the adapters' state.
+#    llava-hf/llava-1.5-7b-hf): where each method's adapters go, f(X_ins), routing, their state.
 
 # LoRA, DoRA, O-LoRA, MoELoRA: every linear of the LLM (q, k, v, o, gate, up, down); SMoLoRA: the
 # LLM's MLP (gate, up, down) and both linears of the projector
-LLM_LINEARS = r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+LLM_LAYERS = r"model\.language_model\.layers\.\d+\."
+LLM_LINEARS = LLM_LAYERS + r"(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
 TARGETS = {**dict.fromkeys(("lora", "dora", "olora", "moelora"), (LLM_LINEARS,)),
-           "smolora": (r"model\.language_model\.layers\.\d+\.mlp\.(gate|up|down)_proj",
+           "smolora": (LLM_LAYERS + r"mlp\.(gate|up|down)_proj",
                        r"model\.multi_modal_projector\.linear_[12]")}
 
 
@@ -338,8 +341,8 @@ def add_adapters(model, method, targets=None, **hparams):
         raise ValueError(f"unknown method {method!r}: allowed are {', '.join(ADAPTERS)}")
     allowed = set(inspect.signature(ADAPTERS[method]).parameters) - {"base"}
     if set(hparams) - allowed:
-        raise ValueError(f"hyper-parameter(s) {', '.join(sorted(set(hparams) - allowed))} not allowed "
-                         f"for {method}: allowed are {', '.join(sorted(allowed))}")
+        raise ValueError(f"hyper-parameter(s) {', '.join(sorted(set(hparams) - allowed))} not "
+                         f"allowed for {method}: allowed are {', '.join(sorted(allowed))}")
     patterns = [re.compile(p) for p in (targets or TARGETS[method])]
     names = [name for name, module in model.named_modules()
              if isinstance(module, nn.Linear) and any(p.fullmatch(name) for p in patterns)]
@@ -347,35 +350,35 @@ def add_adapters(model, method, targets=None, **hparams):
         raise ValueError(f"targets {list(targets or TARGETS[method])} match no linear module of "
                          f"{type(model).__name__}: give regular expressions over its module names")
     model.requires_grad_(False)
-    if method == "smolora":   # f(X_ins) lives in the LLM's embedding space unless an encoder gives it
+    if method == "smolora":   # f(X_ins) is in the LLM's embedding space, unless an encoder gives it
         hparams.setdefault("ins_dim", model.get_input_embeddings().embedding_dim)
     for name in names:
         adapter = ADAPTERS[method](model.get_submodule(name), **hparams)
-        adapter.train(adapter.base.training)   # a new module starts in training mode: follow the model
+        adapter.train(adapter.base.training)   # a new module starts in training mode: as the model
         model.set_submodule(name, adapter)
     return names
 
 
 def instruction_embedding(model, input_ids, ins_mask):
-    """f(X_ins) (ours): the mean of the frozen input embeddings over the instruction's tokens (B, d),
-    centred on the vocabulary's mean embedding: uncentred, all of CoIN's instructions went to one IF
-    expert."""
+    """f(X_ins) (ours): the mean of the frozen input embeddings over the instruction's tokens
+    (B, d), centred on the vocabulary's mean embedding: uncentred, all of CoIN's instructions went
+    to one IF expert."""
     table = model.get_input_embeddings()
     with torch.no_grad():
-        centre = table.weight.mean(dim=0, dtype=torch.float32)   # mean_v e(v), no fp32 copy of the table
+        centre = table.weight.mean(dim=0, dtype=torch.float32)   # mean_v e(v), no fp32 table copy
         embeddings = table(input_ids).float() - centre           # e(x) - mean_v e(v)  (B, L, d)
     m = ins_mask.to(embeddings.dtype).unsqueeze(-1)              # (B, L, 1)
     return (embeddings * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
 
 
 def load_encoder(path):
-    """--ins-encoder: (encoder, tokenizer) of a transformers sentence encoder folder (all-MiniLM-L6-v2
-    officially)."""
+    """--ins-encoder: (encoder, tokenizer) of a transformers sentence encoder folder
+    (all-MiniLM-L6-v2 officially)."""
     try:
         return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"--ins-encoder {path} is not a transformers encoder (a folder AutoModel and "
-                         f"AutoTokenizer load): {str(e).splitlines()[0]}") from None
+        raise ValueError(f"--ins-encoder {path} is not a transformers encoder (a folder AutoModel "
+                         f"and AutoTokenizer load): {str(e).splitlines()[0]}") from None
 
 
 @torch.no_grad()
@@ -383,7 +386,8 @@ def embed_instructions(model, processor, strings, encoder=None):
     """f(X_ins) of instruction strings, each read alone (N, d): instruction_embedding, or the
     sentence encoder's (the official f), mean-pooled over its tokens."""
     if encoder is None:
-        tokens = processor.tokenizer(strings, add_special_tokens=False, padding=True, return_tensors="pt")
+        tokens = processor.tokenizer(strings, add_special_tokens=False, padding=True,
+                                     return_tensors="pt")
         return instruction_embedding(model, tokens["input_ids"].to(model.device),
                                      tokens["attention_mask"].bool())
     encoder, tokenizer = encoder
@@ -402,7 +406,7 @@ def with_instruction_embeddings(records, task, cfg, embed):
     keys = [data.canonical_instruction(task) if cfg.if_routing == "task" else r["instruction"]
             for r in records]
     strings = sorted(set(keys))
-    table = dict(zip(strings, embed(strings)))                 # one tensor per distinct string, shared
+    table = dict(zip(strings, embed(strings)))            # one tensor per distinct string, shared
     return [{**r, "ins_embedding": table[key]} for r, key in zip(records, keys)]
 
 
@@ -415,9 +419,9 @@ def set_routing(model, mask, ins):
 
 
 def route_batch(model, batch):
-    """set_routing from a collated batch, if the model has SMoLoRA. Avg(x) runs over the prompt alone
-    (not the answer nor EOS) in training as at test: a sample trains the experts that answer it (ours;
-    officially the answer too)."""
+    """set_routing from a collated batch, if the model has SMoLoRA. Avg(x) runs over the prompt
+    alone (not the answer nor EOS) in training as at test: a sample trains the experts that answer
+    it (ours; officially the answer too)."""
     if any(isinstance(m, SMoLoRALinear) for m in model.modules()):
         mask = batch["attention_mask"]
         prompt = mask * (batch["labels"] == -100) if "labels" in batch else mask
@@ -436,11 +440,12 @@ def routing_picks(model, processor, records, batch_size):
     collate, picks, was_training = data.Collator(processor, train=False), [], model.training
     model.eval()   # no dropout: it would change what later layers' routers see
     for first in range(0, len(records), batch_size):
-        batch = {k: v.to(model.device) for k, v in collate(records[first:first + batch_size]).items()}
+        batch = collate(records[first:first + batch_size])
+        batch = {k: v.to(model.device) for k, v in batch.items()}
         route_batch(model, batch)
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-              pixel_values=batch["pixel_values"].to(model.dtype))      # the prompt routes every layer
-        experts = torch.stack([m.routing[0][:, :, 0] for m in layers], dim=1)  # top-1 (B, layers, 2)
+              pixel_values=batch["pixel_values"].to(model.dtype))   # the prompt routes every layer
+        experts = torch.stack([m.routing[0][:, :, 0] for m in layers], dim=1)  # (B, layers, 2)
         picks += (experts % (layers[0].num_experts // 2)).tolist()
     model.train(was_training)
     return picks
@@ -459,9 +464,9 @@ def load_adapter_state_dict(model, state):
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     reshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or reshaped:
-        raise ValueError(f"adapter state does not fit this model: missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}, other shape {reshaped[:3]} (same method and "
-                         f"hyper-parameters?)")
+        raise ValueError(f"adapter state does not fit this model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, other shape {reshaped[:3]} (same method "
+                         f"and hyper-parameters?)")
     model.load_state_dict(state, strict=False)
 
 
@@ -472,7 +477,7 @@ PROJECTOR_LR_FACTOR = 0.2   # SMoLoRA's projector adapters: 2e-5 against the LLM
 
 
 def cosine_with_warmup(optimizer, total_steps, warmup=0.03):
-    """Linear warmup over the first 3% of the steps, then cosine decay to zero (the papers' schedule)."""
+    """Linear warmup over the first 3% of the steps, then cosine decay to zero (the papers')."""
     warmup_steps = max(1, round(warmup * total_steps))
 
     def factor(step):
@@ -484,7 +489,7 @@ def cosine_with_warmup(optimizer, total_steps, warmup=0.03):
 
 
 def answer_loss(model, batch):
-    """Next-token cross-entropy on the answer tokens of a collated batch (labels are -100 elsewhere)."""
+    """Next-token cross-entropy on the answer tokens of a collated batch (labels -100 elsewhere)."""
     batch = {k: v.to(model.device) for k, v in batch.items()}
     route_batch(model, batch)
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -504,7 +509,7 @@ def train_step(model, batches, optimizer, schedule, max_grad_norm=1.0, penalty=N
         loss = answer_loss(model, batch) + (penalty() if penalty is not None else 0)
         if not torch.isfinite(loss):
             raise NaNLoss(f"the loss became {loss.item()}")
-        (loss / len(batches)).backward()              # the gradient of the mean over the micro-batches
+        (loss / len(batches)).backward()              # the gradient of the micro-batches' mean
         total += loss.item() / len(batches)
     with uninterrupted():                             # a step is taken whole or not at all
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -516,11 +521,11 @@ def train_step(model, batches, optimizer, schedule, max_grad_norm=1.0, penalty=N
 
 
 def train_stage(model, processor, records, cfg, stage, name, out, penalty=None, progress=True):
-    """Tune the adapters on one stage's records (stage `name`, 1-based `stage`) in optimizer steps of
-    cfg.grad_accum micro-batches of cfg.batch_size."""
+    """Tune the adapters on one stage's records (stage `name`, 1-based `stage`) in optimizer steps
+    of cfg.grad_accum micro-batches of cfg.batch_size."""
     size, accum = cfg.batch_size, cfg.grad_accum
     steps = max(1, math.ceil(cfg.epochs * len(records) / (size * accum)))     # optimizer steps
-    # the micro-batches, reshuffled each pass, drawn from the seed alone: a resumed run draws the same
+    # the micro-batches, reshuffled each pass, drawn from the seed alone: a resumed run draws them
     generator = torch.Generator().manual_seed(cfg.seed + stage)
     passes = math.ceil(steps * accum * size / len(records))
     order = torch.cat([torch.randperm(len(records), generator=generator) for _ in range(passes)])
@@ -554,7 +559,7 @@ def train_stage(model, processor, records, cfg, stage, name, out, penalty=None, 
 #    METHODS has a row per method.
 
 def replay_memory(records, task, ratio, seed):
-    """replay: what is kept of a task once learned, a fixed random round(ratio * n) of its records."""
+    """replay: what is kept of a task once learned, a fixed random round(ratio * n) records."""
     return random.Random(f"{seed}/memory/{task}").sample(records, round(ratio * len(records)))
 
 
@@ -597,11 +602,12 @@ def consolidate(model, processor, records, seed, earlier=None):
     fisher = diagonal_fisher(model, processor, sample)
     if earlier is not None:
         fisher = {name: f + earlier[0][name] for name, f in fisher.items()}
-    return fisher, {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    anchor = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    return fisher, anchor
 
 
 def ewc_penalty(model, fisher, anchor, lam):
-    """ewc (Kirkpatrick et al. 2017): (lambda/2) sum_k F_k (theta_k - theta*_k)^2 over the adapters."""
+    """ewc (Kirkpatrick et al. 2017): (lambda/2) sum_k F_k (theta_k - theta*_k)^2, the adapters'."""
     return lam / 2 * sum((fisher[name] * (p - anchor[name]) ** 2).sum()
                          for name, p in model.named_parameters() if name in fisher)
 
@@ -669,7 +675,7 @@ def ewc_end(ctx, stage):
 
 
 def olora_begin(ctx, stage):
-    """olora: from the second task, freeze the LoRA just tuned, start a new one, push it orthogonal."""
+    """olora: from the second task, freeze the LoRA just tuned, start a new one, orthogonal."""
     if stage > 1:
         torch.manual_seed(ctx.cfg.seed + stage)                 # the new A's draws, also on resume
         for module in ctx.model.modules():
@@ -694,8 +700,8 @@ class Method:
     stages: Callable = one_stage_per_task   # tasks -> the name of each stage
     records: Callable = task_records        # (ctx, stage) -> the records the stage tunes on
     begin: Callable = nothing               # (ctx, stage) before tuning -> its penalty() or None
-    end: Callable = nothing                 # (ctx, stage) after tuning, also when resumed from a file
-    answer_with: Callable | None = None     # (ctx, stage, i) -> the adapters task i is answered with
+    end: Callable = nothing                 # (ctx, stage) after tuning, also when resumed from file
+    answer_with: Callable | None = None     # (ctx, stage, i) -> adapters task i is answered with
     report: Callable = nothing              # (ctx) after the last stage
 
 
@@ -703,19 +709,19 @@ METHODS = {
     "zeroshot": Method(None, "the base model, not tuned", stages=no_stages),
     "multitask": Method("lora", "one LoRA tuned on all tasks mixed, in one stage: the upper bound, "
                         "not continual", stages=one_mixed_stage, records=all_tasks_records),
-    "dirlora": Method("lora", "a fresh LoRA per task, each task answered by its own: needs the task "
-                      "identity at test", begin=fresh_lora, answer_with=own_lora),
+    "dirlora": Method("lora", "a fresh LoRA per task, each task answered by its own: needs the "
+                      "task identity at test", begin=fresh_lora, answer_with=own_lora),
     "lora": Method("lora", "SeqLoRA: one LoRA tuned through the tasks in order"),
     "replay": Method("lora", "SeqLoRA with a memory of earlier tasks' training samples mixed into "
                      "each later task", records=replay_records),
     "ewc": Method("lora", "SeqLoRA with the EWC penalty (lambda/2) sum F (theta - theta*)^2",
                   begin=ewc_begin, end=ewc_end),
-    "olora": Method("olora", "O-LoRA: a new LoRA per task, earlier ones frozen, the new A orthogonal "
-                    "to theirs", begin=olora_begin),
-    "dora": Method("dora", "DoRA: one weight-decomposed LoRA (magnitude and direction) tuned through "
-                   "the tasks"),
-    "moelora": Method("moelora", "CoIN's MoELoRA: a dense mixture of LoRA experts tuned through the "
-                      "tasks"),
+    "olora": Method("olora", "O-LoRA: a new LoRA per task, earlier ones frozen, the new A "
+                    "orthogonal to theirs", begin=olora_begin),
+    "dora": Method("dora", "DoRA: one weight-decomposed LoRA (magnitude and direction) tuned "
+                   "through the tasks"),
+    "moelora": Method("moelora", "CoIN's MoELoRA: a dense mixture of LoRA experts tuned through "
+                      "the tasks"),
     "smolora": Method("smolora", "SMoLoRA: separable visual / instruction expert pools, routed per "
                       "sample", report=routing_report),
 }
@@ -739,12 +745,12 @@ def knob(default=MISSING, help="", **flag):
 @dataclass(kw_only=True)
 class Config:
     """A run's configuration. The defaults suit the tiny model; Config.paper(...) gives each paper's
-    recipe for a real LLaVA checkpoint. Checked when made: a bad value raises a one-line ValueError."""
+    recipe for a real LLaVA checkpoint. Checked when made: a bad value raises a one-line error."""
     method: str = knob("smolora", f"{' | '.join(METHODS)}; on the command line several "
                        "(comma-separated) or 'all': each run in <out>/<method>, compared in <out>")
     tasks: list = knob(help="task names in training order, or coin (CoIN's 8) or smolora")
-    model: str | None = knob(None, "a LLaVA checkpoint folder or id (default: the tiny model, built "
-                             "once)")
+    model: str | None = knob(None, "a LLaVA checkpoint folder or id (default: the tiny model, "
+                             "built once)")
     data: str | None = knob(None, "a CoIN-format data root (default: the synthetic mini-CoIN, made "
                             "once)")
     out: str | None = knob(None, "the run folder (default: runs/<method>-<tasks>, or "
@@ -765,8 +771,9 @@ class Config:
     max_test: int | None = knob(None, "evaluate on at most this many test records per task")
     replay_ratio: float | None = knob(0.1, "replay: memory samples per own record (ours)",
                                       owner="replay")
-    ewc_lambda: float | None = knob(5000.0, "ewc: weight of the EWC penalty (ours: about the loss's "
-                                    "size once the next task moves the adapters)", owner="ewc")
+    ewc_lambda: float | None = knob(5000.0, "ewc: weight of the EWC penalty (ours: about the "
+                                    "loss's size once the next task moves the adapters)",
+                                    owner="ewc")
     olora_lambda: float | None = knob(0.5, "olora: weight of the orthogonality loss (the official "
                                       "lamda_1; its L2 term, 0, left out)", owner="olora")
     unseen: list = knob([], "comma-separated tasks never trained, evaluated after every stage "
@@ -778,8 +785,8 @@ class Config:
                          action="append")
     smolora_parts: str | None = knob("vu,if,fusion", "SMoLoRA's ablation: vu | if | vu,if | "
                                      "vu,if,fusion (the paper's)", owner="smolora")
-    if_routing: str | None = knob("sample", "SMoLoRA's IF router reads the sample's own instruction "
-                                  "or its task's canonical one (an oracle of the task's identity)",
+    if_routing: str | None = knob("sample", "SMoLoRA's IF router reads the sample's own "
+                                  "instruction or its task's canonical one (an oracle of the task)",
                                   choices=("sample", "task"), owner="smolora")
     ins_encoder: str | None = knob(None, "SMoLoRA: embed instructions with this sentence encoder "
                                    "folder, mean-pooled", owner="smolora")
@@ -790,7 +797,8 @@ class Config:
 
     @classmethod
     def paper(cls, method="smolora", **knobs):
-        """The paper's recipe of `method` for a real checkpoint (SMOLORA_PAPER or PAPER), then knobs."""
+        """The paper's recipe of `method` for a real checkpoint (SMOLORA_PAPER or PAPER), changed
+        by `knobs`."""
         return cls(method=method, **{**(SMOLORA_PAPER if method == "smolora" else PAPER), **knobs})
 
     def __post_init__(self):
@@ -798,33 +806,32 @@ class Config:
             raise ValueError(f"--method {self.method!r} is not allowed: choose one of "
                              f"{', '.join(METHODS)}")
         self.tasks = parse_names(self.tasks, "--tasks", data.TASKS, TASK_LISTS)
-        self.unseen = parse_names(self.unseen, "--unseen", data.TASKS, TASK_LISTS) if self.unseen else []
+        if self.unseen:
+            self.unseen = parse_names(self.unseen, "--unseen", data.TASKS, TASK_LISTS)
         if set(self.unseen) & set(self.tasks):
-            raise ValueError(f"--unseen {','.join(self.unseen)!r} is not allowed: unseen tasks must not "
-                             f"be among --tasks")
+            raise ValueError(f"--unseen {','.join(self.unseen)!r} is not allowed: unseen tasks "
+                             f"must not be among --tasks")
         self.dtype = self.dtype or ("bfloat16" if self.device.startswith("cuda") else "float32")
         check_device(self.device, self.dtype)
         if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
-            raise ValueError(f"--out {self.out} is not allowed: it is a file; give a folder for the run")
-        for name, value in asdict(self).items():   # every number but the seed
+            raise ValueError(f"--out {self.out} is not allowed: it is a file; give a folder")
+        for knob_ in fields(self):
+            name, value, owner = knob_.name, getattr(self, knob_.name), knob_.metadata.get("owner")
+            flag, choices = "--" + name.replace("_", "-"), knob_.metadata.get("choices")
             least = "0 or more" if name == "weight_decay" else "positive"
             if type(value) in (int, float) and name != "seed" and (value < 0 or value == 0 and
                                                                    least == "positive"):
-                raise ValueError(f"--{name.replace('_', '-')} {value} is not allowed: it must be {least}")
-        if self.replay_ratio is not None and self.replay_ratio > 1:
-            raise ValueError(f"--replay-ratio {self.replay_ratio} is not allowed: it must be in (0, 1]")
-        for knob_ in fields(self):        # a method's own knobs: None in the others' runs
-            owner, value = knob_.metadata.get("owner"), getattr(self, knob_.name)
-            if owner not in (None, self.method):
-                if value not in (None, knob_.default):
-                    raise ValueError(f"--{knob_.name.replace('_', '-')} {value!r} is not allowed with "
-                                     f"--method {self.method!r}: it is {owner}'s")
-                setattr(self, knob_.name, None)
-        for knob_ in fields(self):
-            choices, value = knob_.metadata.get("choices"), getattr(self, knob_.name)
+                raise ValueError(f"{flag} {value} is not allowed: it must be {least}")
             if choices and value is not None and value not in choices:
-                raise ValueError(f"--{knob_.name.replace('_', '-')} {value!r} is not allowed: choose "
-                                 f"{' or '.join(choices)}")
+                raise ValueError(f"{flag} {value!r} is not allowed: choose {' or '.join(choices)}")
+            if owner not in (None, self.method):     # a method's own knob: None in the others' runs
+                if value not in (None, knob_.default):
+                    raise ValueError(f"{flag} {value!r} is not allowed with --method "
+                                     f"{self.method!r}: it is {owner}'s")
+                setattr(self, name, None)
+        if self.replay_ratio is not None and self.replay_ratio > 1:
+            raise ValueError(f"--replay-ratio {self.replay_ratio} is not allowed: it must be in "
+                             f"(0, 1]")
         if self.method == "smolora":
             SMoLoRALinear.check(self.smolora_parts.split(","), self.experts, self.top_k)
         if isinstance(self.fewshot, dict):   # as the command line gives it: TASK:K[,K...] specs
@@ -832,17 +839,19 @@ class Config:
         self.fewshot = parse_fewshot(self.fewshot, self.tasks)
         self.data = str(Path(self.data).resolve()) if self.data else None
         if self.out is None:          # a SMoLoRA variant gets a folder of its own
-            variant = [self.smolora_parts != "vu,if,fusion" and self.smolora_parts.replace(",", "+"),
+            parts = self.smolora_parts
+            variant = [parts != "vu,if,fusion" and parts.replace(",", "+"),
                        self.if_routing == "task" and "task-routing",
                        self.ins_encoder and "encoder"] if self.method == "smolora" else []
-            self.out = f"runs/{'-'.join([self.method, *filter(None, variant)])}-{'-'.join(self.tasks)}"
+            name = [self.method, *filter(None, variant), *self.tasks]
+            self.out = f"runs/{'-'.join(name)}"
 
 
-# Each paper's recipe for a real checkpoint (Config.paper): SMoLoRA's lr 1e-4 and weight decay 0.01,
-# CoIN's lr 2e-4, both at SMoLoRA's global batch of 64, 8 x 8 accumulated (ours for CoIN's methods: its
-# 8 GPUs x 6-16 x 8 is 384-1024, a handful of steps on a few thousand records). Config's own defaults
-# are the tiny model's: a rank and a learning rate in proportion to its width (128 against 4096) and
-# epochs enough for it to learn a task.
+# Each paper's recipe for a real checkpoint (Config.paper): SMoLoRA's lr 1e-4 and weight decay
+# 0.01, CoIN's lr 2e-4, both at SMoLoRA's global batch of 64, 8 x 8 accumulated (ours for CoIN's
+# methods: its 8 GPUs x 6-16 x 8 is 384-1024, a handful of steps on a few thousand records).
+# Config's own defaults are the tiny model's: a rank and a learning rate in proportion to its width
+# (128 against 4096) and epochs enough for it to learn a task.
 PAPER = dict(r=128, alpha=256, lr=2e-4, batch_size=8, grad_accum=8, epochs=1)
 SMOLORA_PAPER = dict(PAPER, lr=1e-4, weight_decay=0.01)
 ADAPTER_DROPOUT = 0.05   # on every adapter's input: the papers' MoE value and LLaVA's LoRA scripts'
@@ -851,8 +860,8 @@ ADAPTER_DROPOUT = 0.05   # on every adapter's input: the papers' MoE value and L
 def run(cfg, progress=True):
     """Tune cfg.method on cfg.tasks in order; return the results, as results.json holds them.
     The protocol: the zero-shot row; for each stage, the method's begin, tuning, its end, and every
-    task evaluated; after the last stage, the method's report, then each few-shot tuning of an unseen
-    task, from the final adapters, evaluated apart."""
+    task evaluated; after the last stage, the method's report, then each few-shot tuning of an
+    unseen task, from the final adapters, evaluated apart."""
     ctx = open_run(cfg, progress)          # the run folder, the model, every task's records
     method, stages = METHODS[cfg.method], ctx.results["stages"]
     evaluate_stage(ctx, 0)
@@ -961,8 +970,8 @@ def save_results(ctx, title):
 
 
 def open_run(cfg, progress=True):
-    """The run's context: its folder, the model, each task's records with the f(X_ins) they route on,
-    and the results to fill in."""
+    """The run's context: its folder, the model, each task's records with the f(X_ins) they route
+    on, and the results to fill in."""
     started = time.time()
     encoder = load_encoder(cfg.ins_encoder) if cfg.ins_encoder else None
     out = prepare_out(cfg)
@@ -973,20 +982,23 @@ def open_run(cfg, progress=True):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     embed = partial(embed_instructions, model, processor, encoder=encoder)
     fewshot = list(cfg.fewshot)
-    train = {t: load_task(data_root, t, "train", cfg.max_train, cfg, embed) for t in cfg.tasks + fewshot}
+    train = {t: load_task(data_root, t, "train", cfg.max_train, cfg, embed)
+             for t in cfg.tasks + fewshot}
     test = {t: load_task(data_root, t, "test", cfg.max_test, cfg, embed, cfg.instructions)
             for t in dict.fromkeys(cfg.tasks + cfg.unseen + fewshot)}
     stages = METHODS[cfg.method].stages(cfg.tasks)
+    parts = cfg.smolora_parts
     notes = [METHODS[cfg.method].notes,   # and SMoLoRA's knobs where they leave the paper's method
-             cfg.smolora_parts not in (None, "vu,if,fusion") and f"ablation: parts {cfg.smolora_parts}",
-             cfg.if_routing == "task" and "the IF router reads each task's canonical instruction, by "
-                                          "its identity (an oracle, as officially)",
+             parts not in (None, "vu,if,fusion") and f"ablation: parts {parts}",
+             cfg.if_routing == "task" and "the IF router reads each task's canonical instruction, "
+                                          "by its identity (an oracle, as officially)",
              cfg.ins_encoder and f"f(X_ins) by the sentence encoder {cfg.ins_encoder}"]
     results = {"method": cfg.method, **empty_tables(cfg.tasks, stages), "config": asdict(cfg),
                "stages": stages, "notes": "; ".join(filter(None, notes)), "seconds": None,
                **({"unseen": empty_tables(cfg.unseen, stages)} if cfg.unseen else {})}
     saved = out / "results.json"
-    seconds_before = cfg.resume and saved.exists() and json.loads(saved.read_text()).get("seconds") or 0
+    resumed = cfg.resume and saved.exists()
+    seconds_before = resumed and json.loads(saved.read_text()).get("seconds") or 0
     return RunContext(cfg, model, processor, train, test, out, results, progress,
                       ins_dim=encoder and encoder[0].config.hidden_size,
                       seconds_before=seconds_before, started=started)
@@ -1000,8 +1012,8 @@ def load_task(data_root, task, split, limit, cfg, embed, instructions="default")
 
 def empty_tables(columns, stages):
     """The score and MIF matrices of a run, empty: the zero-shot row, then one per stage."""
-    return {"tasks": list(columns), **{table: [[None] * len(columns) for _ in range(len(stages) + 1)]
-                                       for table in ("matrix", "mif")}}
+    empty = [[None] * len(columns) for _ in range(len(stages) + 1)]
+    return {"tasks": list(columns), "matrix": empty, "mif": [list(row) for row in empty]}
 
 
 # ==============================================================================================
@@ -1010,24 +1022,26 @@ def empty_tables(columns, stages):
 
 # ----------------------------------------------------------------------------------------------
 # 6. Models and data. Any LLaVA checkpoint folder loads through `load_model`. The tiny default model
-#    is built, pretrained on the synthetic captions (all weights: aligned, not instruction-tuned, like
-#    the SMoLoRA paper's base) and saved as an ordinary checkpoint folder in the cache, once; so is
-#    the synthetic mini-CoIN.
+#    is built, pretrained on the synthetic captions (all weights: aligned, not instruction-tuned,
+#    like the SMoLoRA paper's base) and saved as an ordinary checkpoint folder in the cache, once;
+#    so is the synthetic mini-CoIN.
 
-TINY_MODEL = "tiny-llava-v2"                  # bump when the recipe below changes: old caches unused
-SYNTHETIC = dict(n_train=1000, n_test=200)    # records per task of the synthetic mini-CoIN
+TINY_MODEL = "tiny-llava-v2"                # bump when the recipe below changes: old caches unused
+SYNTHETIC = dict(n_train=1000, n_test=200)  # records per task of the synthetic mini-CoIN
 
 
 def build_tiny_model(processor):
-    """A 1M-parameter LlavaForConditionalGeneration: CLIP 3 layers x 128 on 64x64 images in patches of
-    16 (16 image tokens), a Llama of 2 layers x 128, the tokenizer's vocabulary."""
+    """A 1M-parameter LlavaForConditionalGeneration: CLIP 3 layers x 128 on 64x64 images in patches
+    of 16 (16 image tokens), a Llama of 2 layers x 128, the tokenizer's vocabulary."""
     tokenizer = processor.tokenizer
     vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=3,
-                              num_attention_heads=4, image_size=data.IMAGE_SIZE, patch_size=data.PATCH)
-    text = LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=512,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+                              num_attention_heads=4, image_size=data.IMAGE_SIZE,
+                              patch_size=data.PATCH)
+    text = LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, vocab_size=len(tokenizer),
+                       max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       tie_word_embeddings=True)
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
                                                      vision_feature_layer=-1,
@@ -1035,15 +1049,17 @@ def build_tiny_model(processor):
 
 
 def pretrain_tiny_model(path, seed=0, progress=True, steps=1000, batch_size=32, lr=1e-3, pool=8):
-    """Build the tiny model and train all its weights to caption synthetic scenes; save it to `path`.
-    Every batch is a fresh draw of scenes, so the model learns to read and locate, not to memorise."""
+    """Build the tiny model and train all its weights to caption synthetic scenes; save it to
+    `path`. Every batch is a fresh draw of scenes: the model learns to read and locate, not to
+    memorise."""
     torch.manual_seed(seed)
     processor = data.build_processor()
     model, collate = build_tiny_model(processor), data.Collator(processor, train=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = cosine_with_warmup(optimizer, steps)
     model.train()
-    bar = tqdm(range(steps), desc="pretraining the tiny base model on captions", disable=not progress)
+    bar = tqdm(range(steps), desc="pretraining the tiny base model on captions",
+               disable=not progress)
     for step in bar:
         if step % pool == 0:
             batches = data.caption_batches(batch_size, pool, f"{seed}/{step}")
@@ -1108,8 +1124,8 @@ def prepare_out(cfg):
     differs = [k for k in config if k not in RUN_PLACE and old.get(k) != config[k]]
     if differs:
         raise ValueError(f"--out {out} holds a different run "
-                         f"({', '.join(f'{k}={old.get(k)!r}' for k in differs)}); choose another --out "
-                         f"or delete that folder")
+                         f"({', '.join(f'{k}={old.get(k)!r}' for k in differs)}); choose another "
+                         f"--out or delete that folder")
     if not cfg.resume:
         for stale in ("adapters", "predictions", "checkpoint.pt"):
             path = out / stale
@@ -1134,24 +1150,24 @@ def save_adapters(model, saved, out):
 
 
 class StageCheckpoint:
-    """checkpoint.pt in the run folder: a stage's adapters, optimizer, schedule and RNG after a number
-    of steps, written every CHECKPOINT_SECONDS and on Ctrl-C."""
+    """checkpoint.pt in the run folder: a stage's adapters, optimizer, schedule and RNG after a
+    number of steps, written every CHECKPOINT_SECONDS and on Ctrl-C."""
 
     def __init__(self, out, stage, model, optimizer, schedule):
         self.path, self.stage, self.model = out / "checkpoint.pt", stage, model
         self.optimizer, self.schedule, self.saved_at = optimizer, schedule, time.time()
 
     def resume(self):
-        """The step to start from: the saved step if the checkpoint is this stage's, its state loaded;
-        else 0."""
+        """The step to start from: the saved step if the checkpoint is this stage's, its state
+        loaded; else 0."""
         if not self.path.exists():
             return 0
         try:   # tensors, numbers and dicts only: a checkpoint.pt from elsewhere runs no code
             state = torch.load(self.path, weights_only=True)
         except pickle.UnpicklingError:
-            raise ValueError(f"{self.path} holds more than tensors, numbers and dicts and is refused "
-                             f"(loading it could run code); delete it to redo stage {self.stage} from "
-                             f"its start") from None
+            raise ValueError(f"{self.path} holds more than tensors, numbers and dicts and is "
+                             f"refused (loading it could run code); delete it to redo stage "
+                             f"{self.stage} from its start") from None
         if state["stage"] != self.stage:
             return 0
         load_adapter_state_dict(self.model, state["adapters"])
@@ -1185,9 +1201,9 @@ class StageCheckpoint:
         except NaNLoss as e:
             kept = (self.path if self.path.exists()
                     else self.path.parent / "adapters" / f"stage{self.stage - 1}.safetensors")
-            raise NaNLoss(f"{e} at stage {self.stage} step {step}: stopped; the last good checkpoint "
-                          f"is kept ({kept if kept.exists() else 'none yet'}); lower --lr and rerun "
-                          f"with --resume") from None
+            raise NaNLoss(f"{e} at stage {self.stage} step {step}: stopped; the last good "
+                          f"checkpoint is kept ({kept if kept.exists() else 'none yet'}); lower "
+                          f"--lr and rerun with --resume") from None
         except KeyboardInterrupt:
             done = self.schedule.last_epoch              # the steps taken
             if done == step:
@@ -1218,13 +1234,16 @@ TASK_LISTS = {"coin": data.COIN_TASKS, "smolora": data.SMOLORA_TASKS}
 
 
 def parse_names(names, flag, allowed, aliases):
-    """A list of distinct names among `allowed`, given as a list, a comma-separated string, or an alias
-    of a list (e.g. 'coin', 'all')."""
+    """A list of distinct names among `allowed`, given as a list, a comma-separated string, or an
+    alias of a list (e.g. 'coin', 'all')."""
     text = names if isinstance(names, str) else ",".join(names)
-    names = list(aliases[text]) if text in aliases else [n.strip() for n in text.split(",") if n.strip()]
+    if text in aliases:
+        names = list(aliases[text])
+    else:
+        names = [n.strip() for n in text.split(",") if n.strip()]
     if not names or len(set(names)) != len(names) or any(n not in allowed for n in names):
-        raise ValueError(f"{flag} {text!r} is not allowed: give distinct comma-separated names among "
-                         f"{', '.join(allowed)}, or {' or '.join(map(repr, aliases))}")
+        raise ValueError(f"{flag} {text!r} is not allowed: give distinct comma-separated names "
+                         f"among {', '.join(allowed)}, or {' or '.join(map(repr, aliases))}")
     return names
 
 
@@ -1238,8 +1257,8 @@ def parse_fewshot(specs, tasks):
         if (task not in data.TASKS or task in tasks or task in fewshot or min(ks) < 1
                 or len(set(ks)) != len(ks)):
             others = ', '.join(t for t in data.TASKS if t not in tasks)
-            raise ValueError(f"--fewshot {spec!r} is not allowed: give TASK:K[,K...], a task not among "
-                             f"--tasks (one of {others}) and distinct shots K >= 1")
+            raise ValueError(f"--fewshot {spec!r} is not allowed: give TASK:K[,K...], a task not "
+                             f"among --tasks (one of {others}) and distinct shots K >= 1")
         fewshot[task] = ks
     return fewshot
 
@@ -1251,22 +1270,24 @@ def check_device(device, dtype):
                          f"machine with CUDA (this one has "
                          f"{'' if torch.cuda.is_available() else 'no '}CUDA)")
     if cuda and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"--dtype bfloat16 is not allowed on {torch.cuda.get_device_name(device)}, "
-                         f"which cannot compute in it: choose float16 or float32")
+        raise ValueError(f"--dtype bfloat16 is not allowed on "
+                         f"{torch.cuda.get_device_name(device)}, which cannot compute in it: "
+                         f"choose float16 or float32")
 
 
 def command_line():
-    """The parser: a flag per Config field, its help and default read from the field. A flag not given
-    is left out (SUPPRESS), so that Config.paper's recipe applies with --model."""
-    p = argparse.ArgumentParser(prog="smolora.py", argument_default=argparse.SUPPRESS,
-                                description="Continual visual instruction tuning: tune a LLaVA model on "
-                                "tasks one after another, evaluate every task after every stage.")
+    """The parser: a flag per Config field, its help and default read from the field. A flag not
+    given is left out (SUPPRESS), so that Config.paper's recipe applies with --model."""
+    about = ("Continual visual instruction tuning: tune a LLaVA model on tasks one after another, "
+             "evaluate every task after every stage.")
+    p = argparse.ArgumentParser(prog="smolora.py", description=about,
+                                argument_default=argparse.SUPPRESS)
     for knob_ in fields(Config):
         kind = next((t for t in (bool, int, float) if knob_.type is t or t in
                      getattr(knob_.type, "__args__", ())), str)
         name, default = knob_.name, None if knob_.default is MISSING else knob_.default
         notes = [] if default is None or default is False else [f"default {default}"]
-        paper = SMOLORA_PAPER.get(name), PAPER.get(name, default)   # SMOLORA_PAPER has PAPER's knobs
+        paper = SMOLORA_PAPER.get(name), PAPER.get(name, default)   # SMOLORA_PAPER: all PAPER's
         if paper[0] is not None:
             notes.append(f"with --model {paper[0]}" if paper[0] == paper[1] else
                          f"with --model {paper[0]} for smolora, {paper[1]} for the others")
@@ -1274,7 +1295,8 @@ def command_line():
         flag.update({k: v for k, v in knob_.metadata.items() if k in ("choices", "action")})
         p.add_argument("--" + name.replace("_", "-"),
                        help=knob_.metadata["help"] + (f" ({'; '.join(notes)})" if notes else ""),
-                       required=knob_.default is MISSING and knob_.default_factory is MISSING, **flag)
+                       required=knob_.default is MISSING and knob_.default_factory is MISSING,
+                       **flag)
     return p
 
 
@@ -1288,8 +1310,9 @@ def parse_configs(argv=None):
         folder = Path(given.pop("out", f"runs/compare-{'-'.join(tasks)}"))
     configs = []
     for method in methods:
-        # a method's own knob goes to its run alone; given with no method to own it, Config refuses it
-        knobs = {k: v for k, v in given.items() if owned[k] in (None, method) or owned[k] not in methods}
+        # a method's own knob goes to its run alone; given with no method to own it, Config refuses
+        knobs = {k: v for k, v in given.items()
+                 if owned[k] in (None, method) or owned[k] not in methods}
         if len(methods) > 1:
             knobs["out"] = str(folder / method)
         make = Config.paper if "model" in given else Config
@@ -1304,19 +1327,21 @@ def main(argv=None):
         for cfg in configs:
             print("configuration: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
             runs.append(run(cfg))
-            metrics = ", ".join(f"{k} {v:.1f}" for k, v in runs[-1]["metrics"].items() if v is not None)
+            metrics = ", ".join(f"{k} {v:.1f}" for k, v in runs[-1]["metrics"].items()
+                                if v is not None)
             print(f"{cfg.method} done in {runs[-1]['seconds']:.0f} s: {metrics}; report in "
                   f"{cfg.out}/matrix.md")
         if len(configs) > 1:
             folder = Path(configs[0].out).parent
             eval.write_comparison(folder, runs)
-            print(f"comparison of {', '.join(r['method'] for r in runs)} in {folder}/compare.md and "
-                  f"compare.png")
-    except ValueError as e:   # bad input, a NaN loss: one line, exit status 2, nothing saved is lost
+            print(f"comparison of {', '.join(r['method'] for r in runs)} in {folder}/compare.md "
+                  f"and compare.png")
+    except ValueError as e:   # bad input, a NaN loss: one line, exit status 2, nothing saved lost
         print(f"smolora.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt as e:   # Ctrl-C: training saved its step, evaluation its finished tasks
-        print(str(e) or "interrupted; what was saved is kept: continue with --resume", file=sys.stderr)
+    except KeyboardInterrupt as e:   # Ctrl-C: training saved its step, evaluation its tasks done
+        print(str(e) or "interrupted; what was saved is kept: continue with --resume",
+              file=sys.stderr)
         sys.exit(130)
 
 
