@@ -1,10 +1,16 @@
-"""Evaluation, read top to bottom: the scorers of DESIGN.md section 5 (`score`, `task_score`), the instruction-
-following check behind MIF, knowledge whatever the format (section 5b: a rule judge, and CoIN's LLM judge), the
-continual metrics of section 6, batched greedy generation, a run's report (results.json, matrix.md, matrix.png, with
-the dual-forgetting split), the comparison of methods (compare.md, .png) and where SMoLoRA routes each task
-(routing.md, .png). `python eval.py RUN_DIR [--judge MODEL]` re-scores a run's saved predictions and rewrites its
-report, so a scorer fix never needs retraining. The official code's quirks (DESIGN.md section 5) are not copied: an
-empty prediction is wrong everywhere, no digit of a box is dropped, and matching is never case-sensitive.
+"""Evaluation, in reading order:
+- the scorers: answers normalised as the official VQA evaluation does, option letters, boxes, CIDEr-D by
+  hand, and `score` / `task_score` for one sample and one task;
+- instruction following, SMoLoRA's MIF (`follows_instruction`);
+- knowledge whatever the format, CoIN's second axis: a rule judge (`knowledge`) and CoIN's LLM judge;
+- the continual metrics: `continual_metrics`, `run_metrics`, `dual_forgetting`, `routing_overlap`;
+- generation: batched greedy decoding (`generate_predictions`), predictions saved and loaded as jsonl;
+- the reports and pictures: a run's results.json, matrix.md and matrix.png (`write_report`), re-scoring a
+  run (`rescore_run`), the comparison of methods (compare.md, .png) and SMoLoRA's routing (routing.md, .png);
+- the command line: `python eval.py RUN_DIR [--judge MODEL]` re-scores a run's saved predictions and
+  rewrites its report, so a scorer fix never needs retraining.
+The official code's quirks are not copied: an empty prediction is wrong everywhere, no digit of a box is
+dropped, and matching is never case-sensitive.
 """
 import argparse
 import io
@@ -35,7 +41,7 @@ def _as_list(answer):
 
 
 # ----------------------------------------------------------------------------------------------
-# VQA answer normalisation, as the official VQA evaluation (vqaEval.py) does it.
+# Scorers: answers normalised as the official VQA evaluation (vqaEval.py) does, letters, boxes.
 
 PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'  # each character is a mark
 NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
@@ -188,7 +194,7 @@ def cider(predictions, references):
 
 
 # ----------------------------------------------------------------------------------------------
-# Scoring one sample, one task, and the instruction-following check.
+# Scoring one sample and one task.
 
 def score(task, prediction, answer):
     """The score in [0, 1] of one prediction (DESIGN.md section 5); answer: the option letter, a string or a list
@@ -225,6 +231,9 @@ def task_score(task, predictions, answers):
     return 100.0 * sum(score(task, p, a) for p, a in zip(predictions, answers)) / len(predictions)
 
 
+# ----------------------------------------------------------------------------------------------
+# Instruction following: does the answer have the format its instruction asks for (SMoLoRA's MIF).
+
 def follows_instruction(task, prediction, answer=None):
     """Whether the output has the FORMAT the task's instruction asks for, whatever its content (SMoLoRA's MIF).
     letter: exactly one letter, either case, as SMoLoRA's check (`strip().upper()` in the options): "B." does not
@@ -251,8 +260,7 @@ def score_predictions(task, predictions):
 
 
 # ----------------------------------------------------------------------------------------------
-# General knowledge: is the content right, whatever its format? CoIN's second axis (DESIGN.md section 5b), judged
-# by rules (`knowledge`) or, as CoIN does, by an LLM (`judge_run`).
+# Knowledge, CoIN's second axis: is the content right, whatever its format? Rules, or an LLM judge.
 
 STOP_WORDS = set("a an the is are was were be of to in on at by for with and or that this it its there says".split())
 ANY_BOX = re.compile(r"[\[(]" + ",".join([NUMBER] * 4) + r"[\])]")
@@ -346,7 +354,7 @@ def judge_replies(model, tokenizer, chats, batch_size=16, desc="judging"):
 
 
 # ----------------------------------------------------------------------------------------------
-# Continual metrics (DESIGN.md section 6).
+# Continual metrics: the papers' over a run's matrix, dual forgetting, routing overlap.
 
 def _check_matrix(matrix, name):
     """A non-empty list of rows of equal length whose cells are finite numbers or None (not evaluated)."""
@@ -396,6 +404,78 @@ def continual_metrics(matrix, zero_shot=None):
         if zero_shot is not None and None not in before and None not in zero_shot[1:]:
             metrics["FWT"] = sum(b - z for b, z in zip(before, zero_shot[1:])) / (T - 1)
     return metrics
+
+
+METRICS = ("AP", "MFT", "MAP", "BWT", "forgetting", "FWT", "MIF", "GK")
+
+
+def run_metrics(matrix, mif, stages=None, knowledge=None):
+    """The metrics of a run's matrices (row 0 zero-shot, row t after stage t), all None until the run is complete:
+    every task evaluated after each stage up to it, and MIF and GK (CoIN's general knowledge: the mean final
+    knowledge) after the last stage. stages: how many training stages the run has (None: one per task, the
+    continual setting); a run of 0 (zero-shot) or 1 over all tasks (multitask) has only AP, MIF and GK."""
+    T = len(matrix[0])
+    last = T if stages is None else stages
+
+    def final(table):
+        return sum(table[last]) / T if table and len(table) > last and None not in table[last] else None
+    metrics = dict.fromkeys(METRICS)
+    if stages is not None and stages != T:
+        if final(matrix) is not None and final(mif) is not None:
+            metrics |= {"AP": final(matrix), "MIF": final(mif), "GK": final(knowledge)}
+        return metrics
+    rows = matrix[1:]
+    if len(rows) < T or any(rows[t][i] is None for t in range(T) for i in range(t + 1)):
+        return metrics
+    zero_shot = matrix[0] if None not in matrix[0] else None
+    return metrics | continual_metrics(rows, zero_shot) | {"MIF": final(mif), "GK": final(knowledge)}
+
+
+SPLIT = ("format_broke_knowledge_kept", "format_broke_knowledge_lost", "format_held")
+
+
+def dual_forgetting(task, before, after, known=None):
+    """The drop of a task's score from `before` (its predictions right after it was learned) to `after` (after the
+    last stage), split by the final answer's format and knowledge: dual forgetting (DESIGN.md 1 and 5b), in points.
+    With d(s) = score_before(s) - score_after(s) and k(s) the final answer's knowledge:
+
+        drop                        = (100/n) sum_s d(s)
+        format_broke_knowledge_kept = (100/n) sum_s k(s) d(s) over the samples whose final answer fails
+                                      follows_instruction: the content is still there, the alignment was lost
+        format_broke_knowledge_lost = (100/n) sum_s (1 - k(s)) d(s) over the same samples
+        format_held                 = (100/n) sum_s d(s) over those that keep the format: the skill forgotten
+    so the three add up to the drop, and for all but caption tasks drop = A[i][i] - A[T][i]. known: k(s) of each
+    sample of after, in order (default: the rule judge). Samples are paired by question_id; `score` per sample."""
+    earlier = {str(p["question_id"]): p["text"] for p in before}
+    if sorted(earlier) != sorted(str(p["question_id"]) for p in after) or not after:
+        raise ValueError(f"{task}: the two stages' predictions are not of the same (non-empty) set of questions")
+    split = dict.fromkeys(SPLIT, 0.0)
+    for p, k in zip(after, _known(task, after) if known is None else known):
+        change = 100.0 / len(after) * (score(task, earlier[str(p["question_id"])], p["answer"])
+                                       - score(task, p["text"], p["answer"]))
+        if follows_instruction(task, p["text"], p["answer"]):
+            split["format_held"] += change
+        else:
+            split["format_broke_knowledge_kept"] += k * change
+            split["format_broke_knowledge_lost"] += (1 - k) * change
+    return {"drop": sum(split.values()), **split}
+
+
+def routing_overlap(picks, pool):
+    """For each pair of tasks (i, j), the chance in % that a sample of i and a sample of j are sent to the same
+    expert of `pool` (0: VU, 1: IF) at a layer, averaged over the layers:
+
+        overlap(i, j) = 100 * mean_l sum_e u_i(l, e) u_j(l, e)    u_i(l, e): the share of i's samples sent to e at l
+    picks: {task: per sample, per layer, the expert picked in each pool [VU, IF]}. Tasks that share experts share
+    their updates too: a later task's tuning rewrites what an earlier one learned there."""
+    shares = {}
+    for task, samples in picks.items():
+        if not samples:
+            raise ValueError(f"routing of {task}: no samples")
+        shares[task] = [{e: n / len(samples) for e, n in Counter(s[l][pool] for s in samples).items()}
+                        for l in range(len(samples[0]))]
+    return [[100.0 * sum(sum(p * b.get(e, 0.0) for e, p in a.items()) for a, b in zip(shares[i], shares[j]))
+             / len(shares[i]) for j in picks] for i in picks]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,33 +542,12 @@ def load_predictions(path):
     return predictions
 
 
+def _predictions_path(run_dir, stage, task):
+    return os.path.join(run_dir, "predictions", f"stage{stage}", f"{task}.jsonl")
+
+
 # ----------------------------------------------------------------------------------------------
-# The report: results.json, matrix.md, matrix.png.
-
-METRICS = ("AP", "MFT", "MAP", "BWT", "forgetting", "FWT", "MIF", "GK")
-
-
-def run_metrics(matrix, mif, stages=None, knowledge=None):
-    """The metrics of a run's matrices (row 0 zero-shot, row t after stage t), all None until the run is complete:
-    every task evaluated after each stage up to it, and MIF and GK (CoIN's general knowledge: the mean final
-    knowledge) after the last stage. stages: how many training stages the run has (None: one per task, the
-    continual setting); a run of 0 (zero-shot) or 1 over all tasks (multitask) has only AP, MIF and GK."""
-    T = len(matrix[0])
-    last = T if stages is None else stages
-
-    def final(table):
-        return sum(table[last]) / T if table and len(table) > last and None not in table[last] else None
-    metrics = dict.fromkeys(METRICS)
-    if stages is not None and stages != T:
-        if final(matrix) is not None and final(mif) is not None:
-            metrics |= {"AP": final(matrix), "MIF": final(mif), "GK": final(knowledge)}
-        return metrics
-    rows = matrix[1:]
-    if len(rows) < T or any(rows[t][i] is None for t in range(T) for i in range(t + 1)):
-        return metrics
-    zero_shot = matrix[0] if None not in matrix[0] else None
-    return metrics | continual_metrics(rows, zero_shot) | {"MIF": final(mif), "GK": final(knowledge)}
-
+# A run's report: results.json, matrix.md and matrix.png.
 
 def _stages(results):
     """What each training stage tuned on: one task per stage unless results says otherwise."""
@@ -510,6 +569,10 @@ def _table(corner, columns, rows):
     for name, cells in rows:
         lines.append(" | ".join([f"| {name}", *(c if isinstance(c, str) else _cell(c) for c in cells)]) + " |")
     return lines + [""]
+
+
+def _judge_name(results):
+    return f"LLM judge {results['knowledge_judge']}, score x 10" if results.get("knowledge_judge") else "rule judge"
 
 
 def _markdown(results):
@@ -597,51 +660,10 @@ def _heatmaps_png(panels, columns, row_names):
     return buffer.getvalue()
 
 
-SPLIT = ("format_broke_knowledge_kept", "format_broke_knowledge_lost", "format_held")
-
-
-def dual_forgetting(task, before, after, known=None):
-    """The drop of a task's score from `before` (its predictions right after it was learned) to `after` (after the
-    last stage), split by the final answer's format and knowledge: dual forgetting (DESIGN.md 1 and 5b), in points.
-    With d(s) = score_before(s) - score_after(s) and k(s) the final answer's knowledge:
-
-        drop                        = (100/n) sum_s d(s)
-        format_broke_knowledge_kept = (100/n) sum_s k(s) d(s) over the samples whose final answer fails
-                                      follows_instruction: the content is still there, the alignment was lost
-        format_broke_knowledge_lost = (100/n) sum_s (1 - k(s)) d(s) over the same samples
-        format_held                 = (100/n) sum_s d(s) over those that keep the format: the skill forgotten
-    so the three add up to the drop, and for all but caption tasks drop = A[i][i] - A[T][i]. known: k(s) of each
-    sample of after, in order (default: the rule judge). Samples are paired by question_id; `score` per sample."""
-    earlier = {str(p["question_id"]): p["text"] for p in before}
-    if sorted(earlier) != sorted(str(p["question_id"]) for p in after) or not after:
-        raise ValueError(f"{task}: the two stages' predictions are not of the same (non-empty) set of questions")
-    split = dict.fromkeys(SPLIT, 0.0)
-    for p, k in zip(after, _known(task, after) if known is None else known):
-        change = 100.0 / len(after) * (score(task, earlier[str(p["question_id"])], p["answer"])
-                                       - score(task, p["text"], p["answer"]))
-        if follows_instruction(task, p["text"], p["answer"]):
-            split["format_held"] += change
-        else:
-            split["format_broke_knowledge_kept"] += k * change
-            split["format_broke_knowledge_lost"] += (1 - k) * change
-    return {"drop": sum(split.values()), **split}
-
-
-def _predictions_path(run_dir, stage, task):
-    return os.path.join(run_dir, "predictions", f"stage{stage}", f"{task}.jsonl")
-
-
-def _dual_forgetting(run_dir, results):
-    """dual_forgetting of each earlier task of a finished continual run, from its saved predictions; else {}."""
-    tasks, T, found = results["tasks"], len(results["tasks"]), {}
-    finished = _stages(results) == tasks and len(results["matrix"]) > T and None not in results["matrix"][T]
-    for i, task in enumerate(tasks[:-1] if finished else []):
-        before, after = _predictions_path(run_dir, i + 1, task), _predictions_path(run_dir, T, task)
-        if os.path.isfile(before) and os.path.isfile(after):
-            final = load_predictions(after)
-            found[task] = dual_forgetting(task, load_predictions(before), final,
-                                          _known(task, final, after, results.get("knowledge_judge")))
-    return found
+def _evaluated(run_dir, results):
+    """(stage, task, path) of each evaluated cell of the run's matrix whose predictions are saved."""
+    return [(t, task, path) for t, row in enumerate(results["matrix"]) for task, cell in zip(results["tasks"], row)
+            if cell is not None and os.path.isfile(path := _predictions_path(run_dir, t, task))]
 
 
 def _judged(path, judge):
@@ -661,32 +683,17 @@ def _known(task, predictions, path=None, judge=None):
     return [parse_judge_score(replies[str(p["question_id"]), p["text"]]) / 10 for p in predictions]
 
 
-def _judge_name(results):
-    return f"LLM judge {results['knowledge_judge']}, score x 10" if results.get("knowledge_judge") else "rule judge"
-
-
-def judge_run(run_dir, results, judge, device="cpu", dtype="float32"):
-    """Have the causal LM `judge` rate each saved prediction of the run's tasks that it has not rated yet, and cache
-    its replies beside them, a file at a time, in predictions/stage<t>/<task>.judge.jsonl ({"question_id", "text",
-    "answer", "judge", "reply"}): a rerun costs nothing, and only a changed prediction is judged again."""
-    judge_lm = None  # (model, tokenizer), loaded for the first prediction not rated yet
-    for t, task, path in _evaluated(run_dir, results):
-        predictions, replies = load_predictions(path), _judged(path, judge)
-        pending = [p for p in predictions if (str(p["question_id"]), p["text"]) not in replies]
-        if pending:
-            judge_lm = judge_lm or load_judge(judge, device, dtype)
-            chats = [judge_messages(task, p) for p in pending]
-            for p, reply in zip(pending, judge_replies(*judge_lm, chats, desc=f"judging stage{t} {task}")):
-                replies[str(p["question_id"]), p["text"]] = reply
-            save_predictions(path[:-len(".jsonl")] + ".judge.jsonl", [
-                {**{k: p[k] for k in ("question_id", "text", "answer")}, "judge": judge,
-                 "reply": replies[str(p["question_id"]), p["text"]]} for p in predictions])
-
-
-def _evaluated(run_dir, results):
-    """(stage, task, path) of each evaluated cell of the run's matrix whose predictions are saved."""
-    return [(t, task, path) for t, row in enumerate(results["matrix"]) for task, cell in zip(results["tasks"], row)
-            if cell is not None and os.path.isfile(path := _predictions_path(run_dir, t, task))]
+def _dual_forgetting(run_dir, results):
+    """dual_forgetting of each earlier task of a finished continual run, from its saved predictions; else {}."""
+    tasks, T, found = results["tasks"], len(results["tasks"]), {}
+    finished = _stages(results) == tasks and len(results["matrix"]) > T and None not in results["matrix"][T]
+    for i, task in enumerate(tasks[:-1] if finished else []):
+        before, after = _predictions_path(run_dir, i + 1, task), _predictions_path(run_dir, T, task)
+        if os.path.isfile(before) and os.path.isfile(after):
+            final = load_predictions(after)
+            found[task] = dual_forgetting(task, load_predictions(before), final,
+                                          _known(task, final, after, results.get("knowledge_judge")))
+    return found
 
 
 def write_report(run_dir, results):
@@ -714,6 +721,27 @@ def write_report(run_dir, results):
               f"(MIF)", results["mif"]), (f"{results['method']}: knowledge ({_judge_name(results)})", known)]
     write_atomic(os.path.join(run_dir, "matrix.png"), _heatmaps_png(panels, results["tasks"], _row_names(results)))
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Re-scoring a run from its saved predictions, and CoIN's LLM judge over them.
+
+def judge_run(run_dir, results, judge, device="cpu", dtype="float32"):
+    """Have the causal LM `judge` rate each saved prediction of the run's tasks that it has not rated yet, and cache
+    its replies beside them, a file at a time, in predictions/stage<t>/<task>.judge.jsonl ({"question_id", "text",
+    "answer", "judge", "reply"}): a rerun costs nothing, and only a changed prediction is judged again."""
+    judge_lm = None  # (model, tokenizer), loaded for the first prediction not rated yet
+    for t, task, path in _evaluated(run_dir, results):
+        predictions, replies = load_predictions(path), _judged(path, judge)
+        pending = [p for p in predictions if (str(p["question_id"]), p["text"]) not in replies]
+        if pending:
+            judge_lm = judge_lm or load_judge(judge, device, dtype)
+            chats = [judge_messages(task, p) for p in pending]
+            for p, reply in zip(pending, judge_replies(*judge_lm, chats, desc=f"judging stage{t} {task}")):
+                replies[str(p["question_id"]), p["text"]] = reply
+            save_predictions(path[:-len(".jsonl")] + ".judge.jsonl", [
+                {**{k: p[k] for k in ("question_id", "text", "answer")}, "judge": judge,
+                 "reply": replies[str(p["question_id"]), p["text"]]} for p in predictions])
 
 
 def _rescored(run_dir, old, tasks):
@@ -839,26 +867,9 @@ def write_comparison(folder, runs):
 
 
 # ----------------------------------------------------------------------------------------------
-# SMoLoRA's routing: which tasks reach the same experts (routing.md, routing.png).
+# SMoLoRA's routing report: which tasks reach the same experts (routing.md, routing.png).
 
 POOLS = ("visual understanding (VU)", "instruction following (IF)")
-
-
-def routing_overlap(picks, pool):
-    """For each pair of tasks (i, j), the chance in % that a sample of i and a sample of j are sent to the same
-    expert of `pool` (0: VU, 1: IF) at a layer, averaged over the layers:
-
-        overlap(i, j) = 100 * mean_l sum_e u_i(l, e) u_j(l, e)    u_i(l, e): the share of i's samples sent to e at l
-    picks: {task: per sample, per layer, the expert picked in each pool [VU, IF]}. Tasks that share experts share
-    their updates too: a later task's tuning rewrites what an earlier one learned there."""
-    shares = {}
-    for task, samples in picks.items():
-        if not samples:
-            raise ValueError(f"routing of {task}: no samples")
-        shares[task] = [{e: n / len(samples) for e, n in Counter(s[l][pool] for s in samples).items()}
-                        for l in range(len(samples[0]))]
-    return [[100.0 * sum(sum(p * b.get(e, 0.0) for e, p in a.items()) for a, b in zip(shares[i], shares[j]))
-             / len(shares[i]) for j in picks] for i in picks]
 
 
 def write_routing(run_dir, method, picks, pool_size):
@@ -876,6 +887,9 @@ def write_routing(run_dir, method, picks, pool_size):
     panels = [(f"{method}: {name} pool, % same expert", overlap) for name, overlap in overlaps.items()]
     write_atomic(os.path.join(run_dir, "routing.png"), _heatmaps_png(panels, tasks, tasks))
 
+
+# ----------------------------------------------------------------------------------------------
+# The command line: python eval.py RUN_DIR [--judge MODEL].
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Re-score a run's saved predictions and rewrite its report.")
