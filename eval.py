@@ -98,6 +98,12 @@ def _human_agreement(hits):
     return sum(min(sum(hits) - hit, 3) for hit in hits) / (3 * len(hits))
 
 
+def _marked_letter(text):
+    """The match of a letter marked as an option, either case: the whole text ("B", "b.", "(B)", "B)") or
+    its start ("B. blue", "(b) blue"); else None."""
+    return re.fullmatch(r"\(?([A-Za-z])[.):]?", text) or re.match(r"\(?([A-Za-z])[.):]\s", text)
+
+
 def parse_letter(prediction, n_options=None):
     """The option letter (upper case) in a multiple-choice answer, or None. Tried in order: the whole output is a
     letter ("B", "b", "B.", "(B)", "B)"); it starts with one ("B. blue", "(b) blue"); "answer is B" (LLaVA's
@@ -107,8 +113,7 @@ def parse_letter(prediction, n_options=None):
     not option A. With n_options only the first n_options letters count."""
     letters = string.ascii_uppercase[:n_options] if n_options else string.ascii_uppercase
     text = prediction.strip()
-    found = (re.fullmatch(r"\(?([A-Za-z])[.):]?", text) or re.match(r"\(?([A-Za-z])[.):]\s", text)
-             or re.search(r"answer is \(?([A-Z]\b|[a-z](?=[.):]|\s*$))", text))
+    found = _marked_letter(text) or re.search(r"answer is \(?([A-Z]\b|[a-z](?=[.):]|\s*$))", text)
     if found and found.group(1).upper() in letters:
         return found.group(1).upper()
     for word in text.split():
@@ -126,6 +131,11 @@ def parse_bbox(text):
     """The first "[x1, y1, x2, y2]" in the text as 4 floats, or None; spaces and any number of digits allowed."""
     match = BOX.search(text)
     return [float(v) for v in match.groups()] if match else None
+
+
+def _truth_box(answer):
+    """A ground-truth box given as text ("[x1, y1, x2, y2]", parsed; None if it is not one) or as numbers."""
+    return parse_bbox(answer) if isinstance(answer, str) else answer
 
 
 def iou(box_a, box_b):
@@ -213,7 +223,7 @@ def score(task, prediction, answer):
         # ours: contained as whole words ("cats" does not contain "cat"); CoIN takes any case-sensitive substring
         return float(any(_contains(prediction, a) for a in _as_list(answer)))
     if scorer == "iou":
-        truth = parse_bbox(answer) if isinstance(answer, str) else answer
+        truth = _truth_box(answer)
         if truth is None or len(truth) != 4:
             raise ValueError(f"grounding answer {answer!r} is not a box [x1, y1, x2, y2]")
         box = parse_bbox(prediction)
@@ -280,14 +290,14 @@ def knowledge(task, prediction, answer, prompt=""):
     if kind == "letter":
         options = dict(re.findall(r"^\(?([A-Z])[.)] *(.+?) *$", prompt, re.M))
         text = prediction.strip()
-        marked = re.fullmatch(r"\(?([A-Za-z])[.):]?", text) or re.match(r"\(?([A-Za-z])[.):]\s", text)
+        marked = _marked_letter(text)
         named = {m.group(1) for m in re.finditer(r"\b([A-Z])\b", text) if not re.match(r"A [a-z]", text[m.start():])}
         named = (named | ({marked.group(1).upper()} if marked else set())) & set(options or string.ascii_uppercase)
         return float(named | {k for k, text in options.items() if _contains(prediction, text)} == {answer.strip()})
     if kind == "phrase":
         return _human_agreement([_contains(prediction, a) for a in _as_list(answer)])
     if kind == "bbox":
-        truth = parse_bbox(answer) if isinstance(answer, str) else answer
+        truth = _truth_box(answer)
         boxes = [[float(v) for v in m.groups()] for m in ANY_BOX.finditer(prediction)]
         return float(bool(boxes) and all(iou(box, truth) > 0.5 for box in boxes))
     said = set(re.findall(r"\w+", prediction.lower()))
@@ -351,6 +361,33 @@ def judge_replies(model, tokenizer, chats, batch_size=16, desc="judging"):
                                 do_sample=False, max_new_tokens=20, pad_token_id=tokenizer.pad_token_id)
         replies += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     return replies
+
+
+def _reply_key(prediction):
+    """What the judge's reply to a saved prediction is cached under: its question and its text."""
+    return str(prediction["question_id"]), prediction["text"]
+
+
+def _judge_cache(path):
+    """Where the LLM judge's replies to the predictions at path are cached: beside them."""
+    return path[:-len(".jsonl")] + ".judge.jsonl"
+
+
+def _cached_replies(path, judge):
+    """{_reply_key: reply} of the LLM `judge` to the predictions at path, from its cache."""
+    cache = _judge_cache(path)
+    cached = load_predictions(cache) if os.path.isfile(cache) else []
+    return {_reply_key(c): c["reply"] for c in cached if c.get("judge") == judge}
+
+
+def _sample_knowledge(task, predictions, path=None, judge=None):
+    """Each prediction's knowledge in [0, 1]: the rule judge's, or the LLM judge's cached score / 10."""
+    if judge is None:
+        return [knowledge(task, p["text"], p["answer"], p.get("prompt", "")) for p in predictions]
+    replies = _cached_replies(path, judge)
+    if any(_reply_key(p) not in replies for p in predictions):
+        raise ValueError(f"{path}: some predictions are not judged by {judge}; run: eval.py RUN_DIR --judge {judge}")
+    return [parse_judge_score(replies[_reply_key(p)]) / 10 for p in predictions]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,7 +487,7 @@ def dual_forgetting(task, before, after, known=None):
     if sorted(earlier) != sorted(str(p["question_id"]) for p in after) or not after:
         raise ValueError(f"{task}: the two stages' predictions are not of the same (non-empty) set of questions")
     split = dict.fromkeys(SPLIT, 0.0)
-    for p, k in zip(after, _known(task, after) if known is None else known):
+    for p, k in zip(after, _sample_knowledge(task, after) if known is None else known):
         change = 100.0 / len(after) * (score(task, earlier[str(p["question_id"])], p["answer"])
                                        - score(task, p["text"], p["answer"]))
         if follows_instruction(task, p["text"], p["answer"]):
@@ -558,16 +595,16 @@ def _row_names(results):
     return ["zero-shot"] + [f"after {stage}" for stage in _stages(results)]
 
 
-def _cell(value):
+def _cell_text(value):
     return "–" if value is None else f"{value:.2f}"
 
 
 def _table(corner, columns, rows):
     """Markdown lines: `corner` above the row names, then `columns` (right-aligned); rows are (name, cells), each
-    cell text, or a number or None that _cell writes."""
+    cell text, or a number or None that _cell_text writes."""
     lines = [" | ".join([f"| {corner}".rstrip(), *columns]) + " |", "|---|" + "---:|" * len(columns)]
     for name, cells in rows:
-        lines.append(" | ".join([f"| {name}", *(c if isinstance(c, str) else _cell(c) for c in cells)]) + " |")
+        lines.append(" | ".join([f"| {name}", *(c if isinstance(c, str) else _cell_text(c) for c in cells)]) + " |")
     return lines + [""]
 
 
@@ -575,7 +612,7 @@ def _judge_name(results):
     return f"LLM judge {results['knowledge_judge']}, score x 10" if results.get("knowledge_judge") else "rule judge"
 
 
-def _markdown(results):
+def _matrix_markdown(results):
     tasks, unseen = results["tasks"], results.get("unseen")
     lines = [f"# {results['method']}: {' -> '.join(tasks)}", ""]
     lines += [results["notes"], ""] if results.get("notes") else []
@@ -593,7 +630,7 @@ def _markdown(results):
                 for k, v in shots.items()]
         lines += _table("task", ("k", "score", "MIF"), rows)
     lines += ["## Metrics", "", "| " + " | ".join(METRICS) + " |", "|" + "---:|" * len(METRICS),
-              "| " + " | ".join(_cell(results["metrics"][k]) for k in METRICS) + " |", "",
+              "| " + " | ".join(_cell_text(results["metrics"][k]) for k in METRICS) + " |", "",
               "– : not evaluated, or the run is incomplete (metrics need every stage). "
               "BWT and forgetting divide by T-1 (CoIN's tables by T).", ""]
     if results.get("dual_forgetting"):
@@ -619,7 +656,7 @@ def _colour(value):
 
 
 def _canvas(width, height, font):
-    """A white image, its ImageDraw, and text(xy, words, anchor=None, fill="black") that writes in `font`."""
+    """A white image, its ImageDraw, and write(xy, words, anchor=None, fill="black") that writes in `font`."""
     image = Image.new("RGB", (int(width), int(height)), "white")
     draw = ImageDraw.Draw(image)
     return image, draw, lambda xy, words, anchor=None, fill="black": draw.text(xy, words, fill, font, anchor)
@@ -633,29 +670,29 @@ def _heatmaps_png(panels, columns, row_names):
     cell_w, cell_h, pad = max(72, max(font.getlength(c) for c in columns) + 14), 30, 12
     content_w = max(label_w + cell_w * len(columns), *(font.getlength(title) for title, _ in panels))
     panel_h = 2 * cell_h + cell_h * len(row_names)  # title, column names, the rows
-    image, draw, text = _canvas(pad + content_w + 110, pad + len(panels) * (panel_h + pad), font)
+    image, draw, write = _canvas(pad + content_w + 110, pad + len(panels) * (panel_h + pad), font)
     for p, (title, matrix) in enumerate(panels):
         top, left = pad + p * (panel_h + pad), pad + label_w
-        text((pad, top + 6), title)
+        write((pad, top + 6), title)
         for i, column in enumerate(columns):
-            text((left + i * cell_w + cell_w / 2, top + 1.5 * cell_h), column, "mm")
+            write((left + i * cell_w + cell_w / 2, top + 1.5 * cell_h), column, "mm")
         for t, name in enumerate(row_names):
             y = top + (2 + t) * cell_h
-            text((left - 8, y + cell_h / 2), name, "rm")
+            write((left - 8, y + cell_h / 2), name, "rm")
             for i, value in enumerate(matrix[t] if t < len(matrix) else [None] * len(columns)):
                 box = (left + i * cell_w, y, left + (i + 1) * cell_w - 1, y + cell_h - 1)
                 fill = (225, 225, 225) if value is None else _colour(value)
                 draw.rectangle(box, fill=fill)
-                text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "-" if value is None else f"{value:.1f}", "mm",
+                write(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "-" if value is None else f"{value:.1f}", "mm",
                      "black" if sum(fill) / 3 > 110 else "white")
     bar_left, bar_top, bar_h = pad + content_w + 24, pad + 2 * cell_h, image.height - 2 * pad - 2 * cell_h
-    text((bar_left, pad + 6), "%")
+    write((bar_left, pad + 6), "%")
     for y in range(bar_h):
         draw.line((bar_left, bar_top + y, bar_left + 18, bar_top + y), fill=_colour(100.0 * (1 - y / (bar_h - 1))))
     for tick in (0, 25, 50, 75, 100):
         y = bar_top + (1 - tick / 100) * (bar_h - 1)
         draw.line((bar_left + 18, y, bar_left + 23, y), fill="black")
-        text((bar_left + 27, y), f"{tick}" + ("+" if tick == 100 else ""), "lm")
+        write((bar_left + 27, y), f"{tick}" + ("+" if tick == 100 else ""), "lm")
     image.save(buffer := io.BytesIO(), format="PNG")
     return buffer.getvalue()
 
@@ -666,34 +703,17 @@ def _evaluated(run_dir, results):
             if cell is not None and os.path.isfile(path := _predictions_path(run_dir, t, task))]
 
 
-def _judged(path, judge):
-    """{(question_id, prediction): reply} of the LLM `judge`, cached beside the predictions at path."""
-    cache = path[:-len(".jsonl")] + ".judge.jsonl"
-    cached = load_predictions(cache) if os.path.isfile(cache) else []
-    return {(str(c["question_id"]), c["text"]): c["reply"] for c in cached if c.get("judge") == judge}
-
-
-def _known(task, predictions, path=None, judge=None):
-    """Each prediction's knowledge in [0, 1]: the rule judge's, or the LLM judge's cached score / 10."""
-    if judge is None:
-        return [knowledge(task, p["text"], p["answer"], p.get("prompt", "")) for p in predictions]
-    replies = _judged(path, judge)
-    if any((str(p["question_id"]), p["text"]) not in replies for p in predictions):
-        raise ValueError(f"{path}: some predictions are not judged by {judge}; run: eval.py RUN_DIR --judge {judge}")
-    return [parse_judge_score(replies[str(p["question_id"]), p["text"]]) / 10 for p in predictions]
-
-
-def _dual_forgetting(run_dir, results):
+def _run_dual_forgetting(run_dir, results):
     """dual_forgetting of each earlier task of a finished continual run, from its saved predictions; else {}."""
-    tasks, T, found = results["tasks"], len(results["tasks"]), {}
+    tasks, T, by_task = results["tasks"], len(results["tasks"]), {}
     finished = _stages(results) == tasks and len(results["matrix"]) > T and None not in results["matrix"][T]
     for i, task in enumerate(tasks[:-1] if finished else []):
         before, after = _predictions_path(run_dir, i + 1, task), _predictions_path(run_dir, T, task)
         if os.path.isfile(before) and os.path.isfile(after):
-            final = load_predictions(after)
-            found[task] = dual_forgetting(task, load_predictions(before), final,
-                                          _known(task, final, after, results.get("knowledge_judge")))
-    return found
+            last = load_predictions(after)
+            by_task[task] = dual_forgetting(task, load_predictions(before), last,
+                                            _sample_knowledge(task, last, after, results.get("knowledge_judge")))
+    return by_task
 
 
 def write_report(run_dir, results):
@@ -702,23 +722,23 @@ def write_report(run_dir, results):
     "mif", "seconds"}, optionally "stages" (default: the tasks), "notes", "unseen" ({"tasks", "matrix", "mif"} of
     untrained tasks), "knowledge_judge" (judge_run's LLM; default: the rule judge). Rows: 0 zero-shot, t after stage
     t (rows not run yet left out, cells not evaluated None); "knowledge", "metrics", "dual_forgetting" computed here."""
-    stages = len(_stages(results))
+    n_stages = len(_stages(results))
     for prefix, table in [("", results)] + ([("unseen ", results["unseen"])] if results.get("unseen") else []):
         for name in ("matrix", "mif"):
             _check_matrix(table[name], prefix + name)
-            if len(table[name][0]) != len(table["tasks"]) or len(table[name]) > stages + 1:
+            if len(table[name][0]) != len(table["tasks"]) or len(table[name]) > n_stages + 1:
                 raise ValueError(f"{prefix}{name} is {len(table[name])}x{len(table[name][0])}; expected at most "
-                                 f"{stages + 1} rows (zero-shot + one per stage) of {len(table['tasks'])} tasks")
-    known = [[None] * len(row) for row in results["matrix"]]  # knowledge in percent, shaped as the matrix
+                                 f"{n_stages + 1} rows (zero-shot + one per stage) of {len(table['tasks'])} tasks")
+    knowledge_matrix = [[None] * len(row) for row in results["matrix"]]  # percent, shaped as the matrix
     for t, task, path in _evaluated(run_dir, results):
-        cell = _known(task, load_predictions(path), path, results.get("knowledge_judge"))
-        known[t][results["tasks"].index(task)] = 100.0 * sum(cell) / len(cell) if cell else None
-    results = {**results, "knowledge": known, "metrics": run_metrics(results["matrix"], results["mif"], stages, known),
-               "dual_forgetting": _dual_forgetting(run_dir, results)}
+        known = _sample_knowledge(task, load_predictions(path), path, results.get("knowledge_judge"))
+        knowledge_matrix[t][results["tasks"].index(task)] = 100.0 * sum(known) / len(known) if known else None
+    results = {**results, "knowledge": knowledge_matrix, "metrics": run_metrics(results["matrix"], results["mif"], n_stages, knowledge_matrix),
+               "dual_forgetting": _run_dual_forgetting(run_dir, results)}
     write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2) + "\n")
-    write_atomic(os.path.join(run_dir, "matrix.md"), _markdown(results))
+    write_atomic(os.path.join(run_dir, "matrix.md"), _matrix_markdown(results))
     panels = [(f"{results['method']}: score", results["matrix"]), (f"{results['method']}: instruction following "
-              f"(MIF)", results["mif"]), (f"{results['method']}: knowledge ({_judge_name(results)})", known)]
+              f"(MIF)", results["mif"]), (f"{results['method']}: knowledge ({_judge_name(results)})", knowledge_matrix)]
     write_atomic(os.path.join(run_dir, "matrix.png"), _heatmaps_png(panels, results["tasks"], _row_names(results)))
     return results
 
@@ -732,16 +752,16 @@ def judge_run(run_dir, results, judge, device="cpu", dtype="float32"):
     "answer", "judge", "reply"}): a rerun costs nothing, and only a changed prediction is judged again."""
     judge_lm = None  # (model, tokenizer), loaded for the first prediction not rated yet
     for t, task, path in _evaluated(run_dir, results):
-        predictions, replies = load_predictions(path), _judged(path, judge)
-        pending = [p for p in predictions if (str(p["question_id"]), p["text"]) not in replies]
+        predictions, replies = load_predictions(path), _cached_replies(path, judge)
+        pending = [p for p in predictions if _reply_key(p) not in replies]
         if pending:
             judge_lm = judge_lm or load_judge(judge, device, dtype)
             chats = [judge_messages(task, p) for p in pending]
             for p, reply in zip(pending, judge_replies(*judge_lm, chats, desc=f"judging stage{t} {task}")):
-                replies[str(p["question_id"]), p["text"]] = reply
-            save_predictions(path[:-len(".jsonl")] + ".judge.jsonl", [
+                replies[_reply_key(p)] = reply
+            save_predictions(_judge_cache(path), [
                 {**{k: p[k] for k in ("question_id", "text", "answer")}, "judge": judge,
-                 "reply": replies[str(p["question_id"]), p["text"]]} for p in predictions])
+                 "reply": replies[_reply_key(p)]} for p in predictions])
 
 
 def _rescored(run_dir, old, tasks):
@@ -800,8 +820,8 @@ def _comparison_row(run):
     """A run's metrics, its mean dual-forgetting split over the earlier tasks, and its final mean on unseen tasks."""
     dual, unseen = list((run.get("dual_forgetting") or {}).values()), (run.get("unseen") or {}).get("matrix")
     final = unseen[-1] if unseen and len(unseen) == len(_stages(run)) + 1 and None not in unseen[-1] else None
-    split = {k: sum(d[k] for d in dual) / len(dual) if dual else None for k in SPLIT}
-    return {**{k: run["metrics"][k] for k in COMPARED}, **split, "unseen": sum(final) / len(final) if final else None}
+    mean_split = {k: sum(d[k] for d in dual) / len(dual) if dual else None for k in SPLIT}
+    return {**{k: run["metrics"][k] for k in COMPARED}, **mean_split, "unseen": sum(final) / len(final) if final else None}
 
 
 def _comparison_png(runs):
@@ -814,9 +834,9 @@ def _comparison_png(runs):
     panels.append(("forgetting: split", [[(row[k], c) for k, c in zip(SPLIT, legend.values())] for row in rows]))
     label_w, bar_h, panel_w, pad, top = max(font.getlength(r["method"]) for r in runs) + 16, 26, 190, 14, 44
     width, height = int(pad + label_w + len(panels) * (panel_w + pad)), top + bar_h * len(runs) + 3 * pad + 16
-    image, draw, text = _canvas(width, height, font)
+    image, draw, write = _canvas(width, height, font)
     for m, r in enumerate(runs):
-        text((pad + label_w - 8, top + (m + 0.5) * bar_h), r["method"], "rm")
+        write((pad + label_w - 8, top + (m + 0.5) * bar_h), r["method"], "rm")
     for p, (title, bars) in enumerate(panels):
         left = pad + label_w + p * (panel_w + pad)
         # each bar's segment ends, from 0: the panel's scale spans them all
@@ -826,7 +846,7 @@ def _comparison_png(runs):
 
         def x(value):
             return left + 40 + (value - low) * scale      # 40 px each side for the value's label
-        text((left + panel_w / 2, pad + 8), title, "mm")
+        write((left + panel_w / 2, pad + 8), title, "mm")
         draw.line((x(0), top - 4, x(0), top + bar_h * len(runs)), fill="black")
         for m, (bar, end) in enumerate(zip(bars, ends)):
             y = top + m * bar_h + 4
@@ -834,11 +854,11 @@ def _comparison_png(runs):
                 if value is not None:
                     draw.rectangle((min(x(a), x(b)), y, max(x(a), x(b)), y + bar_h - 8), fill=colour)
             label = "-" if all(v is None for v, _ in bar) else f"{end[-1]:.1f}"
-            text((x(end[-1]) + (-3 if end[-1] < 0 else 3), y + (bar_h - 8) / 2), label, "rm" if end[-1] < 0 else "lm")
+            write((x(end[-1]) + (-3 if end[-1] < 0 else 3), y + (bar_h - 8) / 2), label, "rm" if end[-1] < 0 else "lm")
     left = width - pad - sum(font.getlength(name) + 30 for name in legend)
     for name, colour in legend.items():
         draw.rectangle((left, height - pad - 12, left + 10, height - pad - 2), fill=colour)
-        text((left + 14, height - pad - 7), name, "lm")
+        write((left + 14, height - pad - 7), name, "lm")
         left += font.getlength(name) + 30
     image.save(buffer := io.BytesIO(), format="PNG")
     return buffer.getvalue()
@@ -858,10 +878,10 @@ def write_comparison(folder, runs):
               "that kept it but were wrong. unseen: the mean final score on the untrained tasks. –: not defined.", ""]
     lines += [f"- **{r['method']}**: {r['notes']}" for r in runs if r.get("notes")]
     if any(r.get("dual_forgetting") for r in runs):
-        split = [(r["method"], [" / ".join(f"{r['dual_forgetting'][t][k]:.1f}" for k in SPLIT)
+        per_task = [(r["method"], [" / ".join(f"{r['dual_forgetting'][t][k]:.1f}" for k in SPLIT)
                                 if t in (r.get("dual_forgetting") or {}) else "–" for t in earlier]) for r in runs]
         lines += ["", "## Dual forgetting per earlier task: format broke, knowledge kept / format broke, knowledge "
-                  "lost / format held (points)", ""] + _table("method", earlier, split)
+                  "lost / format held (points)", ""] + _table("method", earlier, per_task)
     write_atomic(os.path.join(folder, "compare.md"), "\n".join(lines) + "\n")
     write_atomic(os.path.join(folder, "compare.png"), _comparison_png(runs))
 
@@ -907,7 +927,7 @@ def main(argv=None):
     except ValueError as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(_markdown(results), end="")
+    print(_matrix_markdown(results), end="")
 
 
 if __name__ == "__main__":
