@@ -1,9 +1,12 @@
-"""Tasks and data: the CoIN / SMoLoRA task table, a synthetic mini-CoIN, the CoIN-format loader, the collator.
+"""Tasks and data: the CoIN / SMoLoRA task table, a synthetic mini-CoIN, the CoIN-format loader,
+the collator.
 
-Read top to bottom: the task table (DESIGN.md section 3); the synthetic scenes, drawn with PIL, and one
-generator per task whose answer is read off the scene it drew; writing a task to disk in the CoIN format
-(section 4) and the captioning corpus for pretraining; the loader, which reads that format whether the data is
-synthetic or real; the tiny model's tokenizer and processor; the collator from records to model inputs.
+Read top to bottom: the task table (CoIN's and SMoLoRA's tasks, with LLaVA-1.5's instructions); the
+synthetic scenes, drawn with PIL, and one generator per task whose answer is read off the scene it
+drew; writing a task to disk in the CoIN format (LLaVA's conversations for training, question and
+answer records for testing) and the captioning corpus for pretraining; the loader, which reads that
+format whether the data is synthetic or real; the tiny model's tokenizer and processor; the
+collator from records to model inputs.
 """
 import functools
 import json
@@ -24,7 +27,7 @@ from tqdm import tqdm
 from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
 
 # ----------------------------------------------------------------------------------------------
-# The task table (DESIGN.md section 3). The instruction text is exactly the LLaVA-1.5 / CoIN one.
+# The task table: CoIN's and SMoLoRA's tasks; the instruction text is exactly LLaVA-1.5's / CoIN's.
 
 PHRASE = "Answer the question using a single word or phrase."
 PHRASE_PARAPHRASES = (
@@ -46,36 +49,41 @@ CAPTION_PARAPHRASES = (
 @dataclass(frozen=True)
 class Task:
     name: str
-    instruction: str          # the instruction appended to the question (DESIGN.md section 3)
+    instruction: str          # the instruction appended to the question (LLaVA-1.5's / CoIN's)
     answer_kind: str          # letter | phrase | bbox | caption
     scorer: str               # letter | vqa | exact | contains | iou | cider (eval.py)
-    paraphrases: tuple        # 5 instructions of the same meaning and answer format, never trained on
-    question: str = ""        # a fixed question, for tasks that have one (imagenet, places365, captions)
-    folder: str = ""          # the task's folder name in the real CoIN release (playground/Instructions/<folder>)
+    paraphrases: tuple        # 5 instructions of the same meaning and format, never trained on
+    question: str = ""        # a fixed question, if any (imagenet, places365, the captions)
+    folder: str = ""          # its folder in the CoIN release: playground/Instructions/<folder>
 
 
 TASKS = {t.name: t for t in (
-    Task("scienceqa", "Answer with the option's letter from the given choices directly.", "letter", "letter", (
-        "Reply with the letter of the correct option only.",
-        "Choose one option and answer with its letter alone.",
-        "Give only the letter of the right choice.",
-        "Select the correct choice and respond with just its letter.",
-        "Answer with a single option letter from the choices."), folder="ScienceQA"),
+    Task("scienceqa", "Answer with the option's letter from the given choices directly.",
+         "letter", "letter", (
+             "Reply with the letter of the correct option only.",
+             "Choose one option and answer with its letter alone.",
+             "Give only the letter of the right choice.",
+             "Select the correct choice and respond with just its letter.",
+             "Answer with a single option letter from the choices."), folder="ScienceQA"),
     Task("textvqa", PHRASE, "phrase", "vqa", PHRASE_PARAPHRASES, folder="TextVQA"),
     Task("imagenet", PHRASE, "phrase", "contains", PHRASE_PARAPHRASES,
          question="What is the object in the image?", folder="ImageNet"),
     Task("gqa", PHRASE, "phrase", "exact", PHRASE_PARAPHRASES, folder="GQA"),
-    Task("vizwiz", "When the provided information is insufficient, respond with 'Unanswerable'.\n" + PHRASE,
-         "phrase", "exact", tuple(
-             "If the image does not let you answer, reply 'Unanswerable'.\n" + p for p in PHRASE_PARAPHRASES),
+    Task("vizwiz",
+         "When the provided information is insufficient, respond with 'Unanswerable'.\n" + PHRASE,
+         "phrase", "exact",
+         tuple("If the image does not let you answer, reply 'Unanswerable'.\n" + p
+               for p in PHRASE_PARAPHRASES),
          folder="VizWiz"),
-    Task("grounding", "Please provide the bounding box coordinate of the region this sentence describes:",
+    Task("grounding",
+         "Please provide the bounding box coordinate of the region this sentence describes:",
          "bbox", "iou", (
              "Give the bounding box of the region described by this sentence:",
              "Output the box coordinates of the area this phrase refers to:",
              "Locate the region this sentence describes and give its bounding box:",
              "Return the bounding box coordinates for the region described here:",
-             "Find the region matching this description and answer with its box:"), folder="Grounding"),
+             "Find the region matching this description and answer with its box:"),
+         folder="Grounding"),
     Task("vqav2", PHRASE, "phrase", "vqa", PHRASE_PARAPHRASES, folder="VQAv2"),
     Task("ocrvqa", PHRASE, "phrase", "exact", PHRASE_PARAPHRASES, folder="OCRVQA"),
     Task("flickr30k", CAPTION, "caption", "cider", CAPTION_PARAPHRASES,
@@ -98,23 +106,26 @@ def get_task(name):
 
 
 def compose_text(task, question):
-    """The human turn without the image: question then instruction; grounding puts the expression after it."""
+    """The human turn without the image: question then instruction; grounding puts the expression
+    after it."""
     if task.answer_kind == "bbox":
         return f"{task.instruction} {question}"
     return f"{question}\n{task.instruction}"
 
 
 def canonical_instruction(task):
-    """The official code's fixed instruction string of a task (DESIGN.md 2.3): its fixed question, if any, then
-    its instruction, as TASKS has them."""
+    """The fixed instruction string of a task, which the official SMoLoRA code embeds for its
+    instruction router: the task's fixed question, if any, then its instruction, as TASKS has
+    them."""
     task = TASKS[task]
     return compose_text(task, task.question) if task.question else task.instruction
 
 
 # ----------------------------------------------------------------------------------------------
-# The synthetic world: a few big shapes, objects, signs, book covers and background patterns in high contrast,
-# so that a 1M-parameter LLaVA sees them at 64x64 in 16-pixel patches: one patch per cell of the scene grid and
-# per letter. (DESIGN.md section 9 measured 8-pixel patches; 16 gives 16 image tokens, not 64, and steps 2.4x faster.)
+# The synthetic world: a few big shapes, objects, signs, book covers and background patterns in
+# high contrast, so that a 1M-parameter LLaVA sees them at 64x64 in 16-pixel patches: one patch per
+# cell of the scene grid and per letter. (Measured first with 8-pixel patches; 16 gives 16 image
+# tokens, not 64, and steps 2.4x faster.)
 
 IMAGE_SIZE = 64
 PATCH = 16
@@ -127,24 +138,30 @@ SQA_COLORS = ("red", "green", "blue", "yellow")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars"}
 OBJECTS = ("house", "tree", "car", "fish", "flower", "boat")
 PATTERNS = ("stripes", "dots", "grid", "checkers", "waves")
-RELATIONS = {  # relation of the first thing to the second (the answer) -> (its phrase in questions, in captions)
+# the relation of the first thing to the second (the answer) -> its phrase in questions, in captions
+RELATIONS = {
     "left": ("left of", "to the left of"), "right": ("right of", "to the right of"),
     "above": ("above", "above"), "below": ("below", "below")}
-# Text the model reads from pixels. None of these is a token of its own: the tiny tokenizer spells them by
-# letter, since whole-word tokens for rendered words do not learn (DESIGN.md section 9).
-WORDS = ("SUN", "MAP", "BOX", "CUP", "HAT", "JAR", "KEY", "PEN", "RUG", "VAN", "FOX", "BUS", "ICE", "LOG",
-         "NUT", "EGG")
+# Text the model reads from pixels. None of these is a token of its own: the tiny tokenizer spells
+# them by letter, since whole-word tokens for rendered words do not learn (measured: 12 words, one
+# token each, were read right 11% of the time, chance 8%).
+WORDS = ("SUN", "MAP", "BOX", "CUP", "HAT", "JAR", "KEY", "PEN", "RUG", "VAN", "FOX", "BUS",
+         "ICE", "LOG", "NUT", "EGG")
 NAMES = ("ANN", "BOB", "EVE", "IDA", "JON", "KIM", "LEO", "MAX", "NED", "ROY", "SAM", "TOM")
 READ_WORDS = WORDS + NAMES
 
-PHRASES = {  # every fixed text a generator writes; the tiny tokenizer's whole words are read from here
-    "sqa_shape": "Which shape is in the image?", "sqa_color": "Which color is the shape?", "options": "Options:",
-    "read": ("What word is written in the image?", "What does the sign say?", "What is written on the sign?"),
+# every fixed text a generator writes; the tiny tokenizer's whole words are read from here
+PHRASES = {
+    "sqa_shape": "Which shape is in the image?", "sqa_color": "Which color is the shape?",
+    "options": "Options:",
+    "read": ("What word is written in the image?", "What does the sign say?",
+             "What is written on the sign?"),
     "left_right": "Is the {color} {shape} to the left or to the right of the {color2} {shape2}?",
     "above_below": "Is the {color} {shape} above or below the {color2} {shape2}?",
     "which_shape": "Which shape is {relation} the {color2} {shape2}?",
     "which_color": "What color is the shape {relation} the {color2} {shape2}?",
-    "what_color": "What color is this?", "what_shape": "What shape is this?", "what_object": "What is this?",
+    "what_color": "What color is this?", "what_shape": "What shape is this?",
+    "what_object": "What is this?",
     "refer": "the {color} {shape}.",
     "count": "How many {shapes} are there?", "color_of": "What color is the {shape}?",
     "is_there": "Is there a {shape}?", "yes_no": "yes no", "unanswerable": "unanswerable",
@@ -153,7 +170,8 @@ PHRASES = {  # every fixed text a generator writes; the tiny tokenizer's whole w
     "textcaps": "A {color} sign that says {word}.",
     # plain scene descriptions for the captioning corpus (no instruction, unlike the tasks)
     "item": "{color} {shape}", "placed": "{color} {shape} {box}", "sign": "{color} sign {word}",
-    "book": "{color} book {word} by {name}", "pattern": "{pattern}, {item}", "noise": "noise", "dark": "dark",
+    "book": "{color} book {word} by {name}", "pattern": "{pattern}, {item}", "noise": "noise",
+    "dark": "dark",
 }
 
 
@@ -169,7 +187,8 @@ class Item:
 
 @dataclass
 class Sample:
-    """One generated scene and its question. items[0] is the thing the question is about, where there is one."""
+    """One generated scene and its question. items[0] is the thing the question is about, where
+    there is one."""
     image: Image.Image
     question: str           # the text before the instruction (grounding: the referring expression)
     answer: str             # what the model must write
@@ -189,7 +208,8 @@ def canvas(color=BACKGROUND):
 
 
 def draw_item(draw, item):
-    """Draw a shape or an object inside item.box, a pixel off its edges so that neighbours never touch."""
+    """Draw a shape or an object inside item.box, a pixel off its edges so that neighbours never
+    touch."""
     x1, y1 = item.box[0] + 1, item.box[1] + 1
     w, h = item.box[2] - x1 - 2, item.box[3] - y1 - 2      # PIL boxes include their last pixel
 
@@ -204,9 +224,9 @@ def draw_item(draw, item):
     elif item.name == "triangle":
         draw.polygon([at(0, 1), at(0.5, 0), at(1, 1)], fill=fill)
     elif item.name == "star":   # 10 points alternating between the outer radius and 0.45 of it
-        draw.polygon([at(0.5 + 0.5 * (1 if i % 2 == 0 else 0.45) * math.sin(i * math.pi / 5),
-                         0.5 - 0.5 * (1 if i % 2 == 0 else 0.45) * math.cos(i * math.pi / 5)) for i in range(10)],
-                     fill=fill)
+        radii = [0.5 * (1 if i % 2 == 0 else 0.45) for i in range(10)]
+        draw.polygon([at(0.5 + r * math.sin(i * math.pi / 5), 0.5 - r * math.cos(i * math.pi / 5))
+                      for i, r in enumerate(radii)], fill=fill)
     elif item.name == "house":
         draw.rectangle((*at(0.15, 0.45), *at(0.85, 1)), fill=fill)
         draw.polygon([at(0, 0.5), at(0.5, 0), at(1, 0.5)], fill=INK)
@@ -235,14 +255,15 @@ def draw_item(draw, item):
 
 
 def draw_word(draw, word, x, y, size, fill):
-    """Write word from (x, y), a patch corner, one bold letter centred in each patch; return the word's box.
-    Captioning signs alone for 200 steps, the tiny model read the first letter of 91% of fresh words so; with
-    thin letters at chance (11%). (With 8-pixel patches, letters placed freely were read 6% of the time,
-    patch-aligned 88%, after 600 steps: measured while designing this.)"""
+    """Write word from (x, y), a patch corner, one bold letter centred in each patch; return the
+    word's box. Captioning signs alone for 200 steps, the tiny model read the first letter of 91%
+    of fresh words so; with thin letters at chance (11%). (With 8-pixel patches, letters placed
+    freely were read 6% of the time, patch-aligned 88%, after 600 steps: measured while designing
+    this.)"""
     for k, letter in enumerate(word):
         left, top, right, bottom = draw.textbbox((0, 0), letter, font=font(size))
-        draw.text((x + PATCH * k + (PATCH - right - left) / 2, y + (PATCH - bottom - top) / 2), letter,
-                  font=font(size), fill=fill, stroke_width=1, stroke_fill=fill)
+        corner = (x + PATCH * k + (PATCH - right - left) / 2, y + (PATCH - bottom - top) / 2)
+        draw.text(corner, letter, font=font(size), fill=fill, stroke_width=1, stroke_fill=fill)
     return x, y, x + PATCH * len(word), y + PATCH
 
 
@@ -257,16 +278,19 @@ def paint_pattern(draw, pattern, back, fore, step):
             draw.rectangle((a, 0, a + 1, n), fill=fore)
             draw.rectangle((0, a, n, a + 1), fill=fore)
         elif pattern == "waves":
-            draw.line([(x, a + 3 * math.sin(x / 3)) for x in range(0, n + 1, 2)], fill=fore, width=2)
+            wave = [(x, a + 3 * math.sin(x / 3)) for x in range(0, n + 1, 2)]
+            draw.line(wave, fill=fore, width=2)
         for b in range(0, n, step):
             if pattern == "dots":
-                draw.ellipse((a + step // 2 - 2, b + step // 2 - 2, a + step // 2 + 2, b + step // 2 + 2), fill=fore)
+                cx, cy = a + step // 2, b + step // 2
+                draw.ellipse((cx - 2, cy - 2, cx + 2, cy + 2), fill=fore)
             elif pattern == "checkers" and (a + b) // step % 2:
                 draw.rectangle((a, b, a + step - 1, b + step - 1), fill=fore)
 
 
-CELL = 16   # scenes of several things sit on a 4x4 grid of cells, one patch each; boxes are whole cells, so
-            # box coordinates are quarters: few enough values for a tiny model to learn to write
+# Scenes of several things sit on a 4x4 grid of cells, one patch each; boxes are whole cells, so box
+# coordinates are quarters: few enough values for a tiny model to learn to write.
+CELL = 16
 
 
 def place(rng, spans):
@@ -275,9 +299,12 @@ def place(rng, spans):
     while True:
         boxes = []
         for span in spans:
-            free = [box for box in ((CELL * c, CELL * r, CELL * (c + span), CELL * (r + span))
-                                    for r in range(cells + 1 - span) for c in range(cells + 1 - span))
-                    if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes)]
+            fits = range(cells + 1 - span)
+            grid = ((CELL * c, CELL * r, CELL * (c + span), CELL * (r + span))
+                    for r in fits for c in fits)
+            free = [box for box in grid
+                    if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3]
+                               for b in boxes)]
             if not free:
                 break
             boxes.append(rng.choice(free))
@@ -286,21 +313,24 @@ def place(rng, spans):
 
 
 def big_box(rng):
-    """A box of 2x2 cells on the grid, for a scene of one thing: a shape then covers 4 whole patches, as a letter
-    covers one. Captioning single shapes for 200 steps, the tiny model named 100% of them so, 55% placed freely."""
+    """A box of 2x2 cells on the grid, for a scene of one thing: a shape then covers 4 whole
+    patches, as a letter covers one. Captioning single shapes for 200 steps, the tiny model named
+    100% of them so, 55% placed freely."""
     return place(rng, [2])[0]
 
 
 def pair(rng, kinds):
-    """Two big things of different kind and colour side by side or one above the other; return them and the
-    relation of the first to the second."""
+    """Two big things of different kind and colour side by side or one above the other; return them
+    and the relation of the first to the second."""
     (kind, kind2), (color, color2) = rng.sample(kinds, 2), rng.sample(list(COLORS), 2)
     first_near, across = rng.random() < 0.5, CELL * rng.randint(0, 2)
     along1, along2 = (0, 2 * CELL) if first_near else (2 * CELL, 0)
     if rng.random() < 0.5:
-        relation, corners = ("left" if first_near else "right"), ((along1, across), (along2, across))
+        relation = "left" if first_near else "right"
+        corners = ((along1, across), (along2, across))
     else:
-        relation, corners = ("above" if first_near else "below"), ((across, along1), (across, along2))
+        relation = "above" if first_near else "below"
+        corners = ((across, along1), (across, along2))
     items = [Item(k, c, (x, y, x + 2 * CELL, y + 2 * CELL))
              for k, c, (x, y) in zip((kind, kind2), (color, color2), corners)]
     return items, relation
@@ -314,16 +344,19 @@ def scene(items, background=BACKGROUND):
 
 
 def describe(items):
-    """One thing by colour and name; several, in reading order, each with its box as grounding writes it (one
-    format for every scene on the grid: a format the image does not tell apart would only confuse the model)."""
+    """One thing by colour and name; several, in reading order, each with its box as grounding
+    writes it (one format for every scene on the grid: a format the image does not tell apart would
+    only confuse the model)."""
     if len(items) == 1:
         return PHRASES["item"].format(color=items[0].color, shape=items[0].name)
-    return ", ".join(PHRASES["placed"].format(color=i.color, shape=i.name, box=format_box(normalized_box(i.box)))
+    return ", ".join(PHRASES["placed"].format(color=i.color, shape=i.name,
+                                              box=format_box(normalized_box(i.box)))
                      for i in sorted(items, key=lambda i: (i.box[1], i.box[0])))
 
 
 def normalized_box(box):
-    """Pixel box -> [x1, y1, x2, y2] in [0, 1] with 2 decimals, rounded outward so it still contains the object."""
+    """Pixel box -> [x1, y1, x2, y2] in [0, 1] with 2 decimals, rounded outward so it still
+    contains the object."""
     x1, y1, x2, y2 = box
     return [(x1 * 100 // IMAGE_SIZE) / 100, (y1 * 100 // IMAGE_SIZE) / 100,
             -(-x2 * 100 // IMAGE_SIZE) / 100, -(-y2 * 100 // IMAGE_SIZE) / 100]
@@ -334,7 +367,8 @@ def format_box(box):
 
 
 def human_answers(rng, answer, variants):
-    """10 answers as 10 VQA annotators give them: mostly the true one, up to 3 of them something else."""
+    """10 answers as 10 VQA annotators give them: mostly the true one, up to 3 of them something
+    else."""
     wrong = rng.randint(0, 3)
     answers = [answer] * (10 - wrong) + [rng.choice(variants) for _ in range(wrong)]
     rng.shuffle(answers)
@@ -342,27 +376,32 @@ def human_answers(rng, answer, variants):
 
 
 # ----------------------------------------------------------------------------------------------
-# One generator per task: rng -> Sample. Same instruction and answer format as the real task; a different
-# answer format per task (letter, word, box, sentence), so that instruction-following forgetting can show.
+# One generator per task: rng -> Sample. Same instruction and answer format as the real task; a
+# different answer format per task (letter, word, box, sentence), so that instruction-following
+# forgetting can show.
 
 def gen_scienceqa(rng):
-    """Multiple choice about a single shape: its shape among the 4 shapes, or its colour among 4 colours, the
-    options always listed in the same order. (The right option and 2 others, changing per question: the tiny
-    model reached 68% after 250 steps; it has to match the image against the options' words.)"""
+    """Multiple choice about a single shape: its shape among the 4 shapes, or its colour among 4
+    colours, the options always listed in the same order. (The right option and 2 others, changing
+    per question: the tiny model reached 68% after 250 steps; it has to match the image against the
+    options' words.)"""
     item = Item(rng.choice(SHAPES), rng.choice(SQA_COLORS), big_box(rng))
     question, truth, options = ((PHRASES["sqa_shape"], item.name, SHAPES) if rng.random() < 0.5
                                 else (PHRASES["sqa_color"], item.color, SQA_COLORS))
-    lines = [question, PHRASES["options"]] + [f"{letter}. {option}" for letter, option in zip("ABCD", options)]
-    return Sample(scene([item]), "\n".join(lines), "ABCD"[options.index(truth)], [item], describe([item]))
+    lines = [question, PHRASES["options"]]
+    lines += [f"{letter}. {option}" for letter, option in zip("ABCD", options)]
+    answer = "ABCD"[options.index(truth)]
+    return Sample(scene([item]), "\n".join(lines), answer, [item], describe([item]))
 
 
 def sign(rng):
-    """A coloured sign, a word written dark on white on its upper half (textvqa, textcaps). Text is always dark
-    on white: the tiny model learns to read one look of each letter, not one per colour pair."""
+    """A coloured sign, a word written dark on white on its upper half (textvqa, textcaps). Text is
+    always dark on white: the tiny model learns to read one look of each letter, not one per colour
+    pair."""
     color, word = rng.choice(list(COLORS)), rng.choice(WORDS)
     image, draw = canvas()
     x, y = PATCH * rng.randint(0, 1), PATCH * rng.randint(0, 2)
-    board = (x, y, x + 3 * PATCH, y + 2 * PATCH)                # a coloured panel, the word on its upper half
+    board = (x, y, x + 3 * PATCH, y + 2 * PATCH)  # a coloured panel, the word on its upper half
     draw.rectangle((board[0], board[1], board[2] - 1, board[3] - 1), fill=COLORS[color])
     draw.rectangle((x, y, x + 3 * PATCH - 1, y + PATCH - 1), fill=(255, 255, 255))
     glyphs = draw_word(draw, word, x, y, 22, INK)
@@ -383,7 +422,8 @@ def gen_imagenet(rng):
 
 
 def gen_gqa(rng):
-    """Two shapes and a question about their relation: left/right/above/below, or the shape or colour of one."""
+    """Two shapes and a question about their relation: left/right/above/below, or the shape or
+    colour of one."""
     items, relation = pair(rng, SHAPES)
     first, second = items
     names = dict(color=first.color, shape=first.name, color2=second.color, shape2=second.name,
@@ -391,7 +431,8 @@ def gen_gqa(rng):
     kind = rng.choice(("relation", "which_shape", "which_color"))
     if kind == "relation":
         template = "left_right" if relation in ("left", "right") else "above_below"
-        return Sample(scene(items), PHRASES[template].format(**names), relation, items, describe(items))
+        question = PHRASES[template].format(**names)
+        return Sample(scene(items), question, relation, items, describe(items))
     answer = first.name if kind == "which_shape" else first.color
     return Sample(scene(items), PHRASES[kind].format(**names), answer, items, describe(items))
 
@@ -402,11 +443,14 @@ def gen_vizwiz(rng):
     kind = rng.choice(("what_color", "what_shape", "what_object"))
     item = Item(rng.choice(OBJECTS if kind == "what_object" else SHAPES), rng.choice(list(COLORS)),
                 big_box(rng))
-    image, answer, description = scene([item]), (item.name if kind != "what_color" else item.color), describe([item])
+    image, description = scene([item]), describe([item])
+    answer = item.name if kind != "what_color" else item.color
     if rng.random() < 0.3:
         corruption = rng.choice(("noise", "dark"))
-        image = (Image.frombytes("RGB", image.size, rng.randbytes(3 * IMAGE_SIZE * IMAGE_SIZE)) if corruption == "noise"
-                 else image.point(lambda v: v // 12))
+        if corruption == "noise":
+            image = Image.frombytes("RGB", image.size, rng.randbytes(3 * IMAGE_SIZE * IMAGE_SIZE))
+        else:
+            image = image.point(lambda v: v // 12)
         answer, description = PHRASES["unanswerable"], PHRASES[corruption]
     return Sample(image, PHRASES[kind], answer, [item], description)
 
@@ -437,9 +481,11 @@ def gen_vqav2(rng):
         names = [shape] + [rng.choice(others) for _ in range(rng.randint(1, 3))]
     else:
         present = rng.random() < 0.5
-        names = ([shape] if present else []) + [rng.choice(others) for _ in range(rng.randint(1, 3))]
+        names = [shape] if present else []
+        names += [rng.choice(others) for _ in range(rng.randint(1, 3))]
         answer, variants = ("yes", ("no",)) if present else ("no", ("yes",))
-    items = [Item(name, rng.choice(list(COLORS)), box) for name, box in zip(names, place(rng, [1] * len(names)))]
+    boxes = place(rng, [1] * len(names))
+    items = [Item(name, rng.choice(list(COLORS)), box) for name, box in zip(names, boxes)]
     if kind == "color_of":
         answer, variants = items[0].color, tuple(c for c in COLORS if c != items[0].color)
     question = PHRASES[kind].format(shape=shape, shapes=PLURALS[shape])
@@ -448,10 +494,12 @@ def gen_vqav2(rng):
 
 def gen_ocrvqa(rng):
     """A book cover with a title and an author; asks for one of them."""
-    color, title, author = rng.choice(("red", "green", "blue", "purple")), rng.choice(WORDS), rng.choice(NAMES)
+    color = rng.choice(("red", "green", "blue", "purple"))
+    title, author = rng.choice(WORDS), rng.choice(NAMES)
     image, draw = canvas(COLORS[color])
     draw.rectangle((0, 0, 3, IMAGE_SIZE), fill=INK)                   # the spine
-    draw.rectangle((PATCH, 0, 63, 63), fill=(255, 255, 255))          # a label, so text is dark on white as on signs
+    # a label, so that the text is dark on white as on the signs
+    draw.rectangle((PATCH, 0, 63, 63), fill=(255, 255, 255))
     draw.rectangle((PATCH + 2, 39, 61, 40), fill=COLORS[color])
     title_box = draw_word(draw, title, PATCH, PATCH * rng.randint(0, 1), 22, INK)
     author_box = draw_word(draw, author, PATCH, 3 * PATCH, 18, INK)
@@ -467,8 +515,9 @@ def gen_ocrvqa(rng):
 def gen_flickr30k(rng):
     items, relation = pair(rng, OBJECTS)
     first, second = items
-    caption = PHRASES["flickr30k"].format(color=first.color, object=first.name, relation=RELATIONS[relation][1],
-                                          color2=second.color, object2=second.name)
+    caption = PHRASES["flickr30k"].format(color=first.color, object=first.name,
+                                          relation=RELATIONS[relation][1], color2=second.color,
+                                          object2=second.name)
     return Sample(scene(items), TASKS["flickr30k"].question, caption, items, describe(items))
 
 
@@ -476,13 +525,14 @@ def gen_places365(rng):
     """A background pattern behind a small shape; the answer is the pattern's name."""
     pattern, back, fore = rng.choice(PATTERNS), rng.choice(list(COLORS)), rng.choice(list(COLORS))
     image, draw = canvas()
-    paint_pattern(draw, pattern, tuple(255 - (255 - v) // 4 for v in COLORS[back]), COLORS[fore],
-                  rng.choice((8, 12, 16)))
+    pale = tuple(255 - (255 - v) // 4 for v in COLORS[back])  # a quarter of the colour on white
+    paint_pattern(draw, pattern, pale, COLORS[fore], rng.choice((8, 12, 16)))
     item = Item(rng.choice(SHAPES), rng.choice(list(COLORS)), big_box(rng))
     draw.rectangle((item.box[0], item.box[1], item.box[2] - 1, item.box[3] - 1), fill=BACKGROUND)
     draw_item(draw, item)
-    return Sample(image, TASKS["places365"].question, pattern, [Item(pattern, fore, (0, 0, IMAGE_SIZE, IMAGE_SIZE)),
-                  item], PHRASES["pattern"].format(pattern=pattern, item=describe([item])))
+    background = Item(pattern, fore, (0, 0, IMAGE_SIZE, IMAGE_SIZE))
+    return Sample(image, TASKS["places365"].question, pattern, [background, item],
+                  PHRASES["pattern"].format(pattern=pattern, item=describe([item])))
 
 
 def gen_textcaps(rng):
@@ -491,21 +541,23 @@ def gen_textcaps(rng):
     return Sample(image, TASKS["textcaps"].question, caption, items, description)
 
 
-GENERATORS = {"scienceqa": gen_scienceqa, "textvqa": gen_textvqa, "imagenet": gen_imagenet, "gqa": gen_gqa,
-              "vizwiz": gen_vizwiz, "grounding": gen_grounding, "vqav2": gen_vqav2, "ocrvqa": gen_ocrvqa,
-              "flickr30k": gen_flickr30k, "places365": gen_places365, "textcaps": gen_textcaps}
+GENERATORS = {"scienceqa": gen_scienceqa, "textvqa": gen_textvqa, "imagenet": gen_imagenet,
+              "gqa": gen_gqa, "vizwiz": gen_vizwiz, "grounding": gen_grounding, "vqav2": gen_vqav2,
+              "ocrvqa": gen_ocrvqa, "flickr30k": gen_flickr30k, "places365": gen_places365,
+              "textcaps": gen_textcaps}
 
 
 # ----------------------------------------------------------------------------------------------
-# Writing a task to disk in the CoIN format (DESIGN.md section 4), and the captioning corpus.
+# Writing a task to disk in the CoIN format, and the captioning corpus.
 
-SYNTHETIC_VERSION = 3      # bump when a generator changes, so data written by the old one is made again
+SYNTHETIC_VERSION = 3  # bump when a generator changes, so data written by the old one is made again
+
 
 def make_synthetic(root, tasks, n_train=1000, n_test=200, seed=0, progress=True):
     """Write <root>/<task>/train.json, test.json and images/ for each task not already there.
-    Deterministic (same seed, same bytes). Each task is written into a hidden folder of its writer's own (two runs
-    started at once may both write it) and renamed when complete, so an interrupted run never leaves a task that
-    looks finished."""
+    Deterministic (same seed, same bytes). Each task is written into a hidden folder of its
+    writer's own (two runs started at once may both write it) and renamed when complete, so an
+    interrupted run never leaves a task that looks finished."""
     tasks = [get_task(name).name for name in tasks]
     settings = {"version": SYNTHETIC_VERSION, "seed": seed, "n_train": n_train, "n_test": n_test}
     os.makedirs(root, exist_ok=True)
@@ -518,16 +570,17 @@ def make_synthetic(root, tasks, n_train=1000, n_test=200, seed=0, progress=True)
                 bar.update(n_train + n_test)
                 continue
             if found is None:
-                raise ValueError(f"{final} holds data make_synthetic did not write; choose another root")
+                raise ValueError(f"{final} holds data make_synthetic did not write; "
+                                 f"choose another root")
         partial = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=root)
         try:
             write_task(partial, name, {"train": n_train, "test": n_test}, seed, bar)
             write_json(os.path.join(partial, "synthetic.json"), settings)
-            if os.path.isdir(final) and read_settings(final) != settings:   # other settings: swap the new one in
-                os.replace(final, partial + ".old")
+            if os.path.isdir(final) and read_settings(final) != settings:
+                os.replace(final, partial + ".old")  # other settings: swap the new one in
             try:
                 os.replace(partial, final)
-            except OSError:   # another run wrote this task meanwhile: with these settings, the same bytes
+            except OSError:  # another run wrote it meanwhile: with these settings, the same bytes
                 if read_settings(final) != settings:
                     raise
                 shutil.rmtree(partial)
@@ -547,7 +600,8 @@ def write_task(folder, name, counts, seed, bar):
         for i in range(n):
             sample, image = GENERATORS[name](rng), f"images/{split}_{i:05d}.png"
             sample.image.save(os.path.join(folder, image))
-            records.append(coin_record(TASKS[name], sample, f"{name}-{split}-{i:05d}", f"{name}/{image}", split))
+            record_id = f"{name}-{split}-{i:05d}"
+            records.append(coin_record(TASKS[name], sample, record_id, f"{name}/{image}", split))
             bar.update()
         write_json(os.path.join(folder, f"{split}.json"), records)
 
@@ -570,7 +624,8 @@ def coin_record(task, sample, record_id, image, split):
     text = compose_text(task, sample.question)
     if split == "train":
         return {"id": record_id, "image": image, "conversations": [
-            {"from": "human", "value": "<image>\n" + text}, {"from": "gpt", "value": sample.answer}]}
+            {"from": "human", "value": "<image>\n" + text},
+            {"from": "gpt", "value": sample.answer}]}
     record = {"question_id": record_id, "image": image, "text": text}
     if task.answer_kind == "bbox":
         record.update(answer_bbox=sample.answer, size=[IMAGE_SIZE, IMAGE_SIZE])
@@ -581,38 +636,42 @@ def coin_record(task, sample, record_id, image, split):
     return record
 
 
-# Scenes of the corpus, in turn: the hardest skills to see (reading, locating) come round more often.
+# The corpus's scenes, in turn: the skills hardest to see (reading, locating) come round more often.
 CORPUS_MIX = (*GENERATORS, "textvqa", "ocrvqa", "textcaps", "grounding", "gqa")
 
 
 def caption_corpus(n, seed):
-    """n collator records of scenes from the task generators, each answered with the scene's plain description,
-    never in a task's format: what the tiny base model is pretrained on before any task. Half put the scene's
-    question (no instruction) before the description, so the base describes whatever text comes first: trained
-    on captions after an empty prompt alone, its reading broke when a question moved the answer further along."""
+    """n collator records of scenes from the task generators, each answered with the scene's plain
+    description, never in a task's format: what the tiny base model is pretrained on before any
+    task. Half put the scene's question (no instruction) before the description, so the base
+    describes whatever text comes first: trained on captions after an empty prompt alone, its
+    reading broke when a question moved the answer further along."""
     rng = random.Random(f"{seed}/corpus")
     samples = [GENERATORS[CORPUS_MIX[i % len(CORPUS_MIX)]](rng) for i in range(n)]
-    return [{"id": f"caption-{i}", "image": s.image, "text": s.question if rng.random() < 0.5 else "",
-             "instruction": "", "answer": s.description} for i, s in enumerate(samples)]
+    return [{"id": f"caption-{i}", "image": s.image,
+             "text": s.question if rng.random() < 0.5 else "", "instruction": "",
+             "answer": s.description} for i, s in enumerate(samples)]
 
 
 def caption_batches(batch_size, count, seed):
-    """`count` batches of fresh scenes, grouped by length and shuffled: captions run from 2 to 150 tokens, and
-    a batch pads to its longest, so grouping halves the cost of a step."""
-    records = sorted(caption_corpus(batch_size * count, seed), key=lambda r: len(r["text"] + r["answer"]))
+    """`count` batches of fresh scenes, grouped by length and shuffled: captions run from 2 to 150
+    tokens, and a batch pads to its longest, so grouping halves the cost of a step."""
+    records = sorted(caption_corpus(batch_size * count, seed),
+                     key=lambda r: len(r["text"] + r["answer"]))
     batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
     random.Random(seed).shuffle(batches)
     return batches
 
 
 # ----------------------------------------------------------------------------------------------
-# The loader: CoIN-format JSON, synthetic or real (playground/Instructions/<Folder>/{train,test}.json with
-# image paths relative to an image folder, e.g. cl_dataset).
+# The loader: CoIN-format JSON, synthetic or real (CoIN's playground/Instructions/<Folder>/
+# {train,test}.json, its image paths relative to an image folder, e.g. cl_dataset).
 
 def load_records(root, task, split, instructions="default", image_root=None):
-    """Records {"id", "image" (absolute path), "text" (question + instruction, no <image>), "instruction" (its
-    substring of text), "answer" (train: the gpt turn; test: a str, a list of human answers or a box of 4 floats)}.
-    instructions="diverse" swaps each record's instruction for one of the task's 5 paraphrases."""
+    """Records {"id", "image" (absolute path), "text" (question + instruction, no <image>),
+    "instruction" (its substring of text), "answer" (train: the gpt turn; test: a str, a list of
+    human answers or a box of 4 floats)}. instructions="diverse" swaps each record's instruction
+    for one of the task's 5 paraphrases."""
     task = get_task(task)
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r}; known: train, test")
@@ -637,7 +696,8 @@ def read_json(path):
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: "
+                         f"{e.msg}") from None
 
 
 def parse_record(task, path, index, record, split, instructions, image_root):
@@ -654,17 +714,20 @@ def parse_record(task, path, index, record, split, instructions, image_root):
         turns = field(record, "conversations", where)
         human = next((t for t in turns if isinstance(t, dict) and t.get("from") == "human"), None)
         gpt = next((t for t in turns if isinstance(t, dict) and t.get("from") == "gpt"), None)
-        text, answer = field(human, "value", where + " human turn"), field(gpt, "value", where + " gpt turn")
+        text = field(human, "value", where + " human turn")
+        answer = field(gpt, "value", where + " gpt turn")
     else:
         text = field(record, "text", where)
         if task.answer_kind == "bbox" and "answer_bbox" in record:
             box = record["answer_bbox"]      # CoIN writes the box as a string "[x1, y1, x2, y2]"
             try:
-                answer = [float(v) for v in (box.strip("[] ").split(",") if isinstance(box, str) else box)]
+                numbers = box.strip("[] ").split(",") if isinstance(box, str) else box
+                answer = [float(v) for v in numbers]
             except (TypeError, ValueError):
                 answer = []
             if len(answer) != 4:
-                raise ValueError(f"{path}: {where}: answer_bbox {box!r} is not a box [x1, y1, x2, y2]")
+                raise ValueError(f"{path}: {where}: answer_bbox {box!r} "
+                                 f"is not a box [x1, y1, x2, y2]")
         else:
             answer = field(record, "answer", where)
             answer = [str(a) for a in answer] if isinstance(answer, list) else str(answer)
@@ -676,12 +739,13 @@ def parse_record(task, path, index, record, split, instructions, image_root):
     if instructions == "diverse":
         instruction = task.paraphrases[zlib.crc32(record_id.encode()) % len(task.paraphrases)]
         text = text[:start] + instruction + text[end:]
-    return {"id": record_id, "image": image, "text": text, "instruction": instruction, "answer": answer}
+    return {"id": record_id, "image": image, "text": text, "instruction": instruction,
+            "answer": answer}
 
 
 def find_instruction(task, text):
-    """(start, end) of the instruction in text: the last place one of the task's known templates occurs
-    (grounding's comes before the expression), else the text's last line."""
+    """(start, end) of the instruction in text: the last place one of the task's known templates
+    occurs (grounding's comes before the expression), else the text's last line."""
     for template in sorted((task.instruction, *task.paraphrases), key=len, reverse=True):
         start = text.rfind(template)
         if start >= 0:
@@ -690,18 +754,21 @@ def find_instruction(task, text):
 
 
 # ----------------------------------------------------------------------------------------------
-# The tiny model's processor. Its tokenizer has a whole-word token for each word of the instructions,
-# questions and captions, and spells everything else (the words the model reads from pixels, numbers) by
-# character: DESIGN.md section 9 found whole-word tokens for rendered words do not learn.
+# The tiny model's processor. Its tokenizer has a whole-word token for each word of the
+# instructions, questions and captions, and spells everything else (the words the model reads from
+# pixels, numbers) by character: whole-word tokens for rendered words do not learn (see WORDS).
 
 SPACE = "\u2581"     # stands for a space before a token, so decode gives back the text exactly
 LLAVA_PROMPT = "USER: <image>\n{text} ASSISTANT:"
 # llava-hf/llava-1.5-7b-hf's chat template, which renders LLAVA_PROMPT
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
-    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 
 
 def vocabulary_words():
@@ -709,31 +776,38 @@ def vocabulary_words():
     texts = [LLAVA_PROMPT, *COLORS, *SHAPES, *PLURALS.values(), *OBJECTS, *PATTERNS]
     texts += [phrase for relation in RELATIONS.items() for phrase in (relation[0], *relation[1])]
     texts += [p for v in PHRASES.values() for p in ((v,) if isinstance(v, str) else v)]
-    texts += [t for task in TASKS.values() for t in (task.instruction, task.question, *task.paraphrases)]
-    return sorted(set(re.findall(r"[A-Za-z]+", re.sub(r"\{\w+\}", " ", " ".join(texts)))) - set(READ_WORDS))
+    texts += [t for task in TASKS.values()
+              for t in (task.instruction, task.question, *task.paraphrases)]
+    words = re.findall(r"[A-Za-z]+", re.sub(r"\{\w+\}", " ", " ".join(texts)))  # no {placeholders}
+    return sorted(set(words) - set(READ_WORDS))
 
 
 def build_processor():
-    """The tiny model's LlavaProcessor: a WordPiece tokenizer over vocabulary_words() plus characters, and a CLIP
-    image processor at IMAGE_SIZE; PATCH-pixel patches + CLS, CLS dropped ("default") -> 16 image tokens."""
+    """The tiny model's LlavaProcessor: a WordPiece tokenizer over vocabulary_words() plus
+    characters, and a CLIP image processor at IMAGE_SIZE; PATCH-pixel patches + CLS, CLS dropped
+    ("default") -> 16 image tokens."""
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
     characters = string.ascii_letters + string.digits
     vocab = specials + ["\n", SPACE, *string.punctuation]
-    vocab += [form for c in characters for form in (c, SPACE + c, "##" + c)]   # word start, after a space, inside
+    # each character at a word's start, after a space, inside a word
+    vocab += [form for c in characters for form in (c, SPACE + c, "##" + c)]
     vocab += [form for w in vocabulary_words() for form in (w, SPACE + w)]
-    vocab = list(dict.fromkeys(vocab))                                      # one-letter words are characters already
+    vocab = list(dict.fromkeys(vocab))  # one-letter words are characters already
     tokenizer = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split("\n", "isolated"),
-        pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never"),  # "a red" -> "a", "_red"
+        pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never"),  # "a red": "a", "_red"
         pre_tokenizers.Punctuation("isolated")])
-    # ours: WordPiece's own decoder joins words with spaces and loses "[0.12, 0.34" spacing; the SPACE marks keep it
-    tokenizer.decoder = decoders.Sequence([decoders.Replace("##", ""), decoders.Replace(SPACE, " ")])
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    # ours: WordPiece's own decoder joins words with spaces and loses "[0.12, 0.34" spacing; the
+    # SPACE marks keep it
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("##", ""),
+                                           decoders.Replace(SPACE, " ")])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                             special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"}, clean_up_tokenization_spaces=False,
-        model_input_names=["input_ids", "attention_mask"])
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
+        clean_up_tokenization_spaces=False, model_input_names=["input_ids", "attention_mask"])
     images = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
                                    crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     return LlavaProcessor(image_processor=images, tokenizer=fast, patch_size=PATCH,
@@ -742,8 +816,9 @@ def build_processor():
 
 
 def prompt_text(processor, text):
-    """The prompt up to and including the assistant's turn start, by the checkpoint's chat template when it has
-    one (llava-1.5: "USER: <image>\\n{text} ASSISTANT:"), else in llava-1.5's format."""
+    """The prompt up to and including the assistant's turn start, by the checkpoint's chat template
+    when it has one (llava-1.5: "USER: <image>\\n{text} ASSISTANT:"), else in llava-1.5's
+    format."""
     if processor.chat_template is None:
         return LLAVA_PROMPT.format(text=text)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
@@ -763,28 +838,32 @@ def load_image(record):
     except FileNotFoundError:
         raise ValueError(f"record {record['id']}: image {record['image']} not found") from None
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"record {record['id']}: cannot decode image {record['image']} ({e})") from None
+        raise ValueError(f"record {record['id']}: cannot decode image {record['image']} "
+                         f"({e})") from None
 
 
 def expand_to_square(image, processor):
-    """LLaVA-1.5's expand2square (image_aspect_ratio "pad"): the image centred on a square of the image processor's
-    mean colour, so its resize and centre crop keep all of the photo, and CoIN's boxes, normalised to that square,
-    point where they should (DESIGN.md 4). A square image (all the synthetic ones) comes back as it is."""
+    """LLaVA-1.5's expand2square (image_aspect_ratio "pad"): the image centred on a square of the
+    image processor's mean colour, so its resize and centre crop keep all of the photo, and CoIN's
+    boxes, normalised to that square, point where they should. A square image (all the synthetic
+    ones) comes back as it is."""
     width, height = image.size
     if width == height:
         return image
     side = max(width, height)
-    square = Image.new("RGB", (side, side), tuple(int(m * 255) for m in processor.image_processor.image_mean))
+    mean = tuple(int(m * 255) for m in processor.image_processor.image_mean)
+    square = Image.new("RGB", (side, side), mean)
     square.paste(image, ((side - width) // 2, (side - height) // 2))
     return square
 
 
 class Collator:
-    """Records -> {input_ids (B, L), attention_mask (B, L), pixel_values (B, 3, H, W), ins_mask (B, L), when
-    train labels (B, L), and ins_embedding (B, d) when the records carry one}. Train: prompt + " " + answer + EOS,
-    right-padded, labels -100 except on the answer's tokens and the EOS. Eval: the prompt alone, left-padded for
-    generate. ins_mask is True on the instruction's tokens, which SMoLoRA's instruction router averages over
-    (DESIGN.md section 2.3). Sequences longer than max_length are cut at the end in training (as LLaVA's
+    """Records -> {input_ids (B, L), attention_mask (B, L), pixel_values (B, 3, H, W),
+    ins_mask (B, L), when train labels (B, L), and ins_embedding (B, d) when the records carry
+    one}. Train: prompt + " " + answer + EOS, right-padded, labels -100 except on the answer's
+    tokens and the EOS. Eval: the prompt alone, left-padded for generate. ins_mask is True on the
+    instruction's tokens, which SMoLoRA's instruction router averages over (this project's
+    f(X_ins)). Sequences longer than max_length are cut at the end in training (as LLaVA's
     model_max_length); a prompt that long is an error."""
 
     def __init__(self, processor, train, max_length=None):
@@ -796,41 +875,48 @@ class Collator:
         texts = prompts
         if self.train:
             texts = [p + " " + r["answer"] + tokenizer.eos_token for p, r in zip(prompts, records)]
+        images = [expand_to_square(load_image(r), self.processor) for r in records]
         batch = self.processor(
-            images=[expand_to_square(load_image(r), self.processor) for r in records], text=texts, padding=True,
-            return_tensors="pt", padding_side="right" if self.train else "left", return_offsets_mapping=True,
-            return_text_replacement_offsets=True, truncation=self.train and self.max_length is not None,
+            images=images, text=texts, padding=True, return_tensors="pt",
+            padding_side="right" if self.train else "left", return_offsets_mapping=True,
+            return_text_replacement_offsets=True,
+            truncation=self.train and self.max_length is not None,
             max_length=self.max_length if self.train else None)
         ids = batch["input_ids"]
         if self.max_length is not None and not self.train and ids.shape[1] > self.max_length:
-            raise ValueError(f"a prompt of {ids.shape[1]} tokens is longer than max_length={self.max_length}")
-        start, end = batch["offset_mapping"].unbind(-1)       # (B, L) character spans in the expanded text
+            raise ValueError(f"a prompt of {ids.shape[1]} tokens is longer than "
+                             f"max_length={self.max_length}")
+        start, end = batch["offset_mapping"].unbind(-1)  # (B, L) spans in the expanded text
         real = batch["attention_mask"].bool() & (end > start)  # not padding, not BOS
         ins_mask = torch.zeros_like(real)
         labels = torch.full_like(ids, -100)
         for b, (prompt, record) in enumerate(zip(prompts, records)):
-            # the processor grows each "<image>" into one placeholder per image token before tokenizing
+            # the processor grows each "<image>" into a placeholder per image token, then tokenizes
             shift = sum(r["new_span"][1] - r["new_span"][0] - (r["span"][1] - r["span"][0])
                         for r in batch["text_replacement_offsets"][b])
             if record["instruction"]:
-                ins_start = prompt.index(record["text"]) + record["text"].rfind(record["instruction"]) + shift
+                text_start = prompt.index(record["text"]) + shift
+                ins_start = text_start + record["text"].rfind(record["instruction"])
                 ins_end = ins_start + len(record["instruction"])
                 ins_mask[b] = real[b] & (start[b] < ins_end) & (end[b] > ins_start)
             answer = real[b] & (start[b] >= len(prompt) + shift)
             labels[b] = torch.where(answer, ids[b], labels[b])
-        out = {"input_ids": ids, "attention_mask": batch["attention_mask"], "pixel_values": batch["pixel_values"],
-               "ins_mask": ins_mask}
+        out = {"input_ids": ids, "attention_mask": batch["attention_mask"],
+               "pixel_values": batch["pixel_values"], "ins_mask": ins_mask}
         if self.train:
             out["labels"] = labels
-        if "ins_embedding" in records[0]:   # f(X_ins) given per record (smolora.with_instruction_embeddings)
+        # f(X_ins) given per record (smolora.with_instruction_embeddings)
+        if "ins_embedding" in records[0]:
             out["ins_embedding"] = torch.stack([r["ins_embedding"] for r in records])
         return out
 
 
 def fewshot_records(records, k, seed, task):
-    """k training records of each class (distinct answer) of a task, drawn with the run's seed (DESIGN.md 3)."""
+    """k training records of each class (distinct answer) of a task, drawn with the run's seed:
+    SMoLoRA's few-shot Places365 tunes on 5 or 10 examples per class."""
     classes = {}
     for record in records:
         classes.setdefault(str(record["answer"]), []).append(record)
     rng = random.Random(f"{seed}/fewshot/{task}/{k}")
-    return [r for answer in sorted(classes) for r in rng.sample(classes[answer], min(k, len(classes[answer])))]
+    return [r for answer in sorted(classes)
+            for r in rng.sample(classes[answer], min(k, len(classes[answer])))]

@@ -1,4 +1,5 @@
-"""data.py: the task table, the synthetic mini-CoIN, the loader, the tiny processor and the collator."""
+"""data.py: the task table, the synthetic mini-CoIN, the loader, the tiny processor and the
+collator."""
 import json
 import os
 import random
@@ -37,13 +38,14 @@ def processor():
     return data.build_processor()
 
 
-# ---------------------------------------------------------------------------------------------- task table
+# ---------------------------------------------------------------- task table
 
-def test_task_table_follows_design_section_3():
+def test_task_table_has_the_papers_tasks_and_instructions():
     phrase = "Answer the question using a single word or phrase."
-    assert list(data.TASKS) == ["scienceqa", "textvqa", "imagenet", "gqa", "vizwiz", "grounding", "vqav2", "ocrvqa",
-                                "flickr30k", "places365", "textcaps"]
-    assert data.TASKS["scienceqa"].instruction == "Answer with the option's letter from the given choices directly."
+    assert list(data.TASKS) == ["scienceqa", "textvqa", "imagenet", "gqa", "vizwiz", "grounding",
+                                "vqav2", "ocrvqa", "flickr30k", "places365", "textcaps"]
+    assert data.TASKS["scienceqa"].instruction \
+        == "Answer with the option's letter from the given choices directly."
     assert data.TASKS["vizwiz"].instruction == (
         "When the provided information is insufficient, respond with 'Unanswerable'.\n" + phrase)
     assert data.TASKS["grounding"].instruction == (
@@ -55,13 +57,15 @@ def test_task_table_follows_design_section_3():
         assert len(set(task.paraphrases)) == 5 and task.instruction not in task.paraphrases
 
 
-# ---------------------------------------------------------------------------------------------- generation on disk
+# ---------------------------------------------------------------- generation on disk
 
 def test_same_seed_gives_byte_identical_files(synthetic, tmp_path):
     data.make_synthetic(str(tmp_path / "again"), ALL, n_train=4, n_test=3, seed=0, progress=False)
     assert files(synthetic) == files(tmp_path / "again")
-    data.make_synthetic(str(tmp_path / "other"), ["grounding"], n_train=4, n_test=3, seed=1, progress=False)
-    assert files(tmp_path / "other")["grounding/train.json"] != files(synthetic)["grounding/train.json"]
+    data.make_synthetic(str(tmp_path / "other"), ["grounding"], n_train=4, n_test=3, seed=1,
+                        progress=False)
+    assert files(tmp_path / "other")["grounding/train.json"] \
+        != files(synthetic)["grounding/train.json"]
 
 
 def test_an_interrupted_generation_leaves_no_finished_looking_task(tmp_path, monkeypatch):
@@ -84,7 +88,8 @@ def test_an_interrupted_generation_leaves_no_finished_looking_task(tmp_path, mon
 
 
 def test_two_writers_of_the_same_task_at_once_both_succeed(tmp_path, monkeypatch):
-    # a second run writes the task while the first is still writing it: both finish, one copy is kept, no leftovers
+    # a second run writes the task while the first is still writing it: both finish, one copy is
+    # kept, no leftovers
     real, nested = data.write_json, []
 
     def another_run_finishes_first(path, content):
@@ -127,9 +132,11 @@ def test_every_task_loads_back(synthetic):
         assert all(isinstance(r["answer"], str) and r["answer"] for r in train)
         for record in test:
             if name == "grounding":
-                assert len(record["answer"]) == 4 and all(isinstance(v, float) for v in record["answer"])
+                assert (len(record["answer"]) == 4
+                        and all(isinstance(v, float) for v in record["answer"]))
             elif name in ("textvqa", "vqav2"):
-                assert len(record["answer"]) == 10 and all(isinstance(a, str) for a in record["answer"])
+                assert (len(record["answer"]) == 10
+                        and all(isinstance(a, str) for a in record["answer"]))
             else:
                 assert isinstance(record["answer"], str)
 
@@ -137,14 +144,16 @@ def test_every_task_loads_back(synthetic):
 def test_diverse_instructions_swap_only_the_instruction(synthetic):
     for name in ("scienceqa", "vizwiz", "grounding", "flickr30k"):
         task = data.TASKS[name]
-        for plain, diverse in zip(data.load_records(synthetic, name, "test"),
-                                  data.load_records(synthetic, name, "test", instructions="diverse")):
+        for plain, diverse in zip(
+                data.load_records(synthetic, name, "test"),
+                data.load_records(synthetic, name, "test", instructions="diverse")):
             assert diverse["instruction"] in task.paraphrases
-            assert diverse["text"].replace(diverse["instruction"], task.instruction) == plain["text"]
+            assert (diverse["text"].replace(diverse["instruction"], task.instruction)
+                    == plain["text"])
             assert diverse["answer"] == plain["answer"]
 
 
-# ---------------------------------------------------------------------------------------------- answers vs scenes
+# ---------------------------------------------------------------- answers vs scenes
 
 def pixels(image):
     return np.asarray(image).astype(int)
@@ -167,8 +176,8 @@ def components(mask):
 
 def test_a_grounding_box_contains_its_object():
     for sample in samples("grounding", 60):
-        x1, y1, x2, y2 = [float(v) for v in re.fullmatch(r"\[([\d.]+), ([\d.]+), ([\d.]+), ([\d.]+)\]",
-                                                           sample.answer).groups()]
+        x1, y1, x2, y2 = [float(v) for v in re.fullmatch(
+            r"\[([\d.]+), ([\d.]+), ([\d.]+), ([\d.]+)\]", sample.answer).groups()]
         target = sample.items[0]
         assert sample.question == f"the {target.color} {target.name}."
         assert [(i.color, i.name) for i in sample.items].count((target.color, target.name)) == 1
@@ -176,8 +185,9 @@ def test_a_grounding_box_contains_its_object():
         data.draw_item(draw, target)
         drawn = (pixels(alone) != data.BACKGROUND).any(-1)
         ys, xs = np.nonzero(drawn)
-        assert x1 * 64 <= xs.min() and xs.max() + 1 <= x2 * 64 and y1 * 64 <= ys.min() and ys.max() + 1 <= y2 * 64
-        assert (pixels(sample.image)[drawn] == pixels(alone)[drawn]).all()     # and nothing covers it
+        assert (x1 * 64 <= xs.min() and xs.max() + 1 <= x2 * 64
+                and y1 * 64 <= ys.min() and ys.max() + 1 <= y2 * 64)
+        assert (pixels(sample.image)[drawn] == pixels(alone)[drawn]).all()  # and nothing covers it
 
 
 def test_a_count_equals_the_objects_drawn():
@@ -189,7 +199,8 @@ def test_a_count_equals_the_objects_drawn():
         asked = re.fullmatch(r"How many (\w+) are there\?", sample.question)
         if asked:
             counted += 1
-            assert int(sample.answer) == [i.name for i in sample.items].count(singular[asked.group(1)])
+            assert int(sample.answer) \
+                == [i.name for i in sample.items].count(singular[asked.group(1)])
         elif sample.question.startswith("Is there a "):
             present = sample.question[len("Is there a "):-1] in [i.name for i in sample.items]
             assert sample.answer == ("yes" if present else "no")
@@ -203,16 +214,20 @@ def test_a_count_equals_the_objects_drawn():
 def test_other_answers_agree_with_their_scene():
     for s in samples("scienceqa"):
         option = dict(line.split(". ") for line in s.question.split("\n")[2:])[s.answer]
-        assert option == (s.items[0].name if s.question.startswith("Which shape") else s.items[0].color)
+        assert option \
+            == (s.items[0].name if s.question.startswith("Which shape") else s.items[0].color)
     for s in samples("textvqa") + samples("ocrvqa"):
-        assert s.answer == s.items[0].text and s.answer in data.READ_WORDS and s.answer not in s.question
+        assert (s.answer == s.items[0].text and s.answer in data.READ_WORDS
+                and s.answer not in s.question)
     for s in samples("ocrvqa"):
         title, author = re.fullmatch(r"\w+ book (\w+) by (\w+)", s.description).groups()
         assert s.answer == (title if "title" in s.question else author)
     for s in samples("gqa"):
         (a, b), centre = s.items, lambda item, axis: item.box[axis] + item.box[axis + 2]
-        relation = {"left": centre(a, 0) < centre(b, 0) - 40, "right": centre(a, 0) > centre(b, 0) + 40,
-                    "above": centre(a, 1) < centre(b, 1) - 40, "below": centre(a, 1) > centre(b, 1) + 40}
+        relation = {"left": centre(a, 0) < centre(b, 0) - 40,
+                    "right": centre(a, 0) > centre(b, 0) + 40,
+                    "above": centre(a, 1) < centre(b, 1) - 40,
+                    "below": centre(a, 1) > centre(b, 1) + 40}
         if s.answer in relation:
             assert relation[s.answer] and f"{a.color} {a.name}" in s.question
         else:
@@ -229,7 +244,8 @@ def test_other_answers_agree_with_their_scene():
         assert s.answer == s.items[0].name in data.PATTERNS
     for s in samples("flickr30k"):
         a, b = s.items
-        assert s.answer.startswith(f"A {a.color} {a.name} is ") and s.answer.endswith(f" a {b.color} {b.name}.")
+        assert (s.answer.startswith(f"A {a.color} {a.name} is ")
+                and s.answer.endswith(f" a {b.color} {b.name}."))
     for s in samples("textcaps"):
         assert s.answer == f"A {s.items[1].color} sign that says {s.items[0].text}."
 
@@ -245,16 +261,18 @@ def test_caption_corpus_is_deterministic_and_plain():
         assert r["image"].size == (64, 64) and r["image"].mode == "RGB" and r["instruction"] == ""
         assert not any(t.instruction in r["text"] + r["answer"] for t in data.TASKS.values())
         assert not any(q and q in r["answer"] for q in questions)
-    assert 5 <= sum(bool(r["text"]) for r in corpus) <= 25       # about half come after the scene's question
-    assert any(" sign " in r["answer"] for r in corpus) and any(" book " in r["answer"] for r in corpus)
+    # about half come after the scene's question
+    assert 5 <= sum(bool(r["text"]) for r in corpus) <= 25
+    assert (any(" sign " in r["answer"] for r in corpus)
+            and any(" book " in r["answer"] for r in corpus))
 
 
-# ---------------------------------------------------------------------------------------------- tokenizer, processor
+# ---------------------------------------------------------------- tokenizer, processor
 
 def test_decode_gives_back_every_answer(processor):
     tokenizer = processor.tokenizer
-    answers = ["[0.12, 0.34, 0.56, 0.78]", "[0.00, 0.50, 1.00, 0.88]", "unanswerable", "A", "B", "C", "3", "SUN",
-               "A pink boat is to the left of a green tree."]
+    answers = ["[0.12, 0.34, 0.56, 0.78]", "[0.00, 0.50, 1.00, 0.88]", "unanswerable", "A", "B",
+               "C", "3", "SUN", "A pink boat is to the left of a green tree."]
     answers += [s.answer for task in ALL for s in samples(task, 30)]
     for answer in answers:
         ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
@@ -265,10 +283,13 @@ def test_read_words_are_spelled_and_other_words_are_whole_tokens(processor):
     tokenizer = processor.tokenizer
     assert len(tokenizer) < 700
     for word in data.READ_WORDS:
-        assert tokenizer.tokenize(" " + word) == [data.SPACE + word[0], "##" + word[1], "##" + word[2]]
-    texts = [t for task in ALL for s in samples(task, 30) for t in (s.question, s.answer, s.description)]
+        assert tokenizer.tokenize(" " + word) \
+            == [data.SPACE + word[0], "##" + word[1], "##" + word[2]]
+    texts = [t for task in ALL for s in samples(task, 30)
+             for t in (s.question, s.answer, s.description)]
     texts += [t for task in data.TASKS.values() for t in (task.instruction, *task.paraphrases)]
-    for word in {w for text in texts for w in re.findall(r"[A-Za-z]+", text)} - set(data.READ_WORDS):
+    for word in ({w for text in texts for w in re.findall(r"[A-Za-z]+", text)}
+                 - set(data.READ_WORDS)):
         assert len(tokenizer.tokenize(word)) == 1 and len(tokenizer.tokenize(" " + word)) == 1, word
 
 
@@ -277,17 +298,20 @@ def test_processor_saves_and_reloads_without_warnings(processor, tmp_path, capfd
     capfd.readouterr()
     reloaded = AutoProcessor.from_pretrained(tmp_path)
     assert capfd.readouterr().err == "" and len(recwarn) == 0
-    assert type(reloaded) is type(processor) and type(reloaded.image_processor) is type(processor.image_processor)
+    assert (type(reloaded) is type(processor)
+            and type(reloaded.image_processor) is type(processor.image_processor))
     prompt = data.prompt_text(reloaded, "What is this?\nAnswer now.")
     assert prompt == "USER: <image>\nWhat is this?\nAnswer now. ASSISTANT:"
     image = Image.new("RGB", (64, 64), (255, 0, 0))
     a, b = (p(images=[image], text=[prompt], return_tensors="pt") for p in (processor, reloaded))
     assert a["input_ids"].tolist() == b["input_ids"].tolist()
-    assert (a["input_ids"] == reloaded.image_token_id).sum() == 16 and b["pixel_values"].shape == (1, 3, 64, 64)
-    assert reloaded.tokenizer.decode(b["input_ids"][0]) == "<s>" + prompt.replace("<image>", "<image>" * 16)
+    assert ((a["input_ids"] == reloaded.image_token_id).sum() == 16
+            and b["pixel_values"].shape == (1, 3, 64, 64))
+    assert reloaded.tokenizer.decode(b["input_ids"][0]) \
+        == "<s>" + prompt.replace("<image>", "<image>" * 16)
 
 
-# ---------------------------------------------------------------------------------------------- collator
+# ---------------------------------------------------------------- collator
 
 def test_train_labels_cover_exactly_the_answer_and_eos(processor, synthetic):
     tokenizer = processor.tokenizer
@@ -299,8 +323,9 @@ def test_train_labels_cover_exactly_the_answer_and_eos(processor, synthetic):
     for b, record in enumerate(records):
         ids, mask, labels = batch["input_ids"][b], batch["attention_mask"][b], batch["labels"][b]
         length = int(mask.sum())
-        assert mask[:length].all() and not mask[length:].any()                             # right padding
-        answer = tokenizer(" " + record["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert mask[:length].all() and not mask[length:].any()  # right padding
+        answer = tokenizer(" " + record["answer"], add_special_tokens=False)["input_ids"] \
+            + [tokenizer.eos_token_id]
         assert labels[length - len(answer):length].tolist() == answer
         assert (labels[:length - len(answer)] == -100).all() and (labels[length:] == -100).all()
         assert tokenizer.decode(ids[batch["ins_mask"][b]]) == record["instruction"]
@@ -324,10 +349,11 @@ def test_eval_inputs_are_the_prompt_alone_left_padded(processor, synthetic):
     for b, record in enumerate(records):
         mask = batch["attention_mask"][b]
         start = len(mask) - int(mask.sum())
-        assert not mask[:start].any() and mask[start:].all()                                # left padding
+        assert not mask[:start].any() and mask[start:].all()  # left padding
         prompt = "USER: " + "<image>" * 16 + "\n" + record["text"] + " ASSISTANT:"
         assert tokenizer.decode(batch["input_ids"][b][start:]) == "<s>" + prompt
-        assert tokenizer.decode(batch["input_ids"][b][batch["ins_mask"][b]]) == record["instruction"]
+        assert tokenizer.decode(batch["input_ids"][b][batch["ins_mask"][b]]) \
+            == record["instruction"]
 
 
 def test_max_length_cuts_training_and_refuses_a_long_prompt(processor, synthetic):
@@ -338,7 +364,7 @@ def test_max_length_cuts_training_and_refuses_a_long_prompt(processor, synthetic
         data.Collator(processor, train=False, max_length=40)(records)
 
 
-# ---------------------------------------------------------------------------------------------- real CoIN layout
+# ---------------------------------------------------------------- real CoIN layout
 
 def write(path, content):
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -359,23 +385,26 @@ def test_reads_a_handwritten_coin_folder(tmp_path):
         {"question_id": 5, "image": "COCO2014/a.jpg", "text": f"{ground} dog.",
          "answer_bbox": "[0.11, 0.22, 0.33, 0.44]", "size": [640, 480]}])
     write(str(instructions / "TextVQA" / "test.json"), [
-        {"question_id": "q1", "image": "COCO2014/a.jpg", "text": "what is it?\nAnswer the question using a single "
-         "word or phrase.", "answer": ["stop"] * 9 + ["stop sign"]},
-        {"question_id": "q2", "image": "COCO2014/a.jpg", "text": "what is it?\nSay it.", "answer": "go"}])
+        {"question_id": "q1", "image": "COCO2014/a.jpg",
+         "text": "what is it?\nAnswer the question using a single word or phrase.",
+         "answer": ["stop"] * 9 + ["stop sign"]},
+        {"question_id": "q2", "image": "COCO2014/a.jpg", "text": "what is it?\nSay it.",
+         "answer": "go"}])
     root, image = str(instructions), str(images / "COCO2014" / "a.jpg")
     [train] = data.load_records(root, "grounding", "train", image_root=str(images))
-    assert train == {"id": "17", "image": image, "text": f"{ground} man on the left.", "instruction": ground,
-                     "answer": "[0.1, 0.2, 0.3, 0.4]"}
+    assert train == {"id": "17", "image": image, "text": f"{ground} man on the left.",
+                     "instruction": ground, "answer": "[0.1, 0.2, 0.3, 0.4]"}
     [test] = data.load_records(root, "grounding", "test", image_root=str(images))
     assert test == {"id": "5", "image": image, "text": f"{ground} dog.", "instruction": ground,
                     "answer": [0.11, 0.22, 0.33, 0.44]}
     known, unknown = data.load_records(root, "textvqa", "test", image_root=str(images))
     assert known["answer"] == ["stop"] * 9 + ["stop sign"]
     assert known["instruction"] == "Answer the question using a single word or phrase."
-    assert unknown["instruction"] == "Say it." and unknown["answer"] == "go"          # unknown template: last line
+    # an unknown template: the last line
+    assert unknown["instruction"] == "Say it." and unknown["answer"] == "go"
 
 
-# ---------------------------------------------------------------------------------------------- bad input
+# ---------------------------------------------------------------- bad input
 
 def one_line_error(call, pattern):
     with pytest.raises(ValueError, match=pattern) as error:
@@ -386,31 +415,44 @@ def one_line_error(call, pattern):
 def test_bad_input_gives_a_one_line_error(tmp_path, processor):
     root = str(tmp_path)
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
-    one_line_error(lambda: data.load_records(root, "gqa", "train"), r"gqa/train\.json: no such file")
+    one_line_error(lambda: data.load_records(root, "gqa", "train"),
+                   r"gqa/train\.json: no such file")
     write(f"{root}/gqa/train.json", '[\n {"id": "a",\n  }\n]')
-    one_line_error(lambda: data.load_records(root, "gqa", "train"), r"gqa/train\.json: invalid JSON at line 3 column 3")
+    one_line_error(lambda: data.load_records(root, "gqa", "train"),
+                   r"gqa/train\.json: invalid JSON at line 3 column 3")
     write(f"{root}/gqa/train.json", {"id": "a"})
-    one_line_error(lambda: data.load_records(root, "gqa", "train"), "expected a JSON list of records, found dict")
+    one_line_error(lambda: data.load_records(root, "gqa", "train"),
+                   "expected a JSON list of records, found dict")
     write(f"{root}/gqa/train.json", [])   # a run would have nothing to train on
-    one_line_error(lambda: data.load_records(root, "gqa", "train"), "list of records, found an empty list")
+    one_line_error(lambda: data.load_records(root, "gqa", "train"),
+                   "list of records, found an empty list")
     write(f"{root}/gqa/train.json", [{"id": "x1", "image": "ok.png"}])
     one_line_error(lambda: data.load_records(root, "gqa", "train"),
                    r"gqa/train\.json: record 0 \(id x1\) has no field 'conversations'")
     write(f"{root}/gqa/test.json", [{"image": "ok.png", "text": "q", "answer": "a"}])
-    one_line_error(lambda: data.load_records(root, "gqa", "test"), "record 0 has no field 'question_id'")
-    write(f"{root}/gqa/test.json", [{"question_id": 3, "image": "nope.png", "text": "q", "answer": "a"}])
-    one_line_error(lambda: data.load_records(root, "gqa", "test"), r"record 0 \(id 3\): image .*nope\.png not found")
+    one_line_error(lambda: data.load_records(root, "gqa", "test"),
+                   "record 0 has no field 'question_id'")
+    write(f"{root}/gqa/test.json",
+          [{"question_id": 3, "image": "nope.png", "text": "q", "answer": "a"}])
+    one_line_error(lambda: data.load_records(root, "gqa", "test"),
+                   r"record 0 \(id 3\): image .*nope\.png not found")
     with open(tmp_path / "bad.png", "wb") as f:
         f.write(b"not a png")
-    write(f"{root}/gqa/test.json", [{"question_id": 4, "image": "bad.png", "text": "q\nAnswer.", "answer": "a"}])
+    write(f"{root}/gqa/test.json",
+          [{"question_id": 4, "image": "bad.png", "text": "q\nAnswer.", "answer": "a"}])
     records = data.load_records(root, "gqa", "test")
-    one_line_error(lambda: data.Collator(processor, train=False)(records), r"record 4: cannot decode image .*bad\.png")
-    write(f"{root}/grounding/test.json", [{"question_id": 5, "image": "ok.png", "text": "q", "answer_bbox": "[0.1, x]"}])
+    one_line_error(lambda: data.Collator(processor, train=False)(records),
+                   r"record 4: cannot decode image .*bad\.png")
+    write(f"{root}/grounding/test.json",
+          [{"question_id": 5, "image": "ok.png", "text": "q", "answer_bbox": "[0.1, x]"}])
     one_line_error(lambda: data.load_records(root, "grounding", "test"),
                    r"record 0 \(id 5\): answer_bbox '\[0.1, x\]' is not a box \[x1, y1, x2, y2\]")
     one_line_error(lambda: data.load_records(root, "cifar", "train"),
-                   "unknown task 'cifar'; known tasks: scienceqa, textvqa, imagenet, gqa, vizwiz, grounding, vqav2, "
-                   "ocrvqa, flickr30k, places365, textcaps")
-    one_line_error(lambda: data.make_synthetic(root, ["cifar"], progress=False), "unknown task 'cifar'")
-    one_line_error(lambda: data.load_records(root, "gqa", "val"), "unknown split 'val'; known: train, test")
-    one_line_error(lambda: data.load_records(root, "gqa", "test", instructions="many"), "unknown instructions 'many'")
+                   "unknown task 'cifar'; known tasks: scienceqa, textvqa, imagenet, gqa, vizwiz, "
+                   "grounding, vqav2, ocrvqa, flickr30k, places365, textcaps")
+    one_line_error(lambda: data.make_synthetic(root, ["cifar"], progress=False),
+                   "unknown task 'cifar'")
+    one_line_error(lambda: data.load_records(root, "gqa", "val"),
+                   "unknown split 'val'; known: train, test")
+    one_line_error(lambda: data.load_records(root, "gqa", "test", instructions="many"),
+                   "unknown instructions 'many'")

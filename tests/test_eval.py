@@ -1,4 +1,5 @@
-"""eval.py against hand-computed values: scorers, MIF, continual metrics, CIDEr-D, the report and the CLI."""
+"""eval.py against hand-computed values: scorers, MIF, continual metrics, CIDEr-D, the report and
+the CLI."""
 import json
 import math
 import os
@@ -16,8 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ---------------------------------------------------------------- normalisation and VQA accuracy
 
 @pytest.mark.parametrize("raw, normalised", [
-    ("Two.", "2"), ("2", "2"), ("the dog", "dog"), ("Dog", "dog"), ("A Dog!", "dog"), ("dont", "don't"),
-    ("he'dve", "he'd've"), ("1,000", "1000"), ("2.5", "2.5"), ("yes, it is", "yes it is"), ("red-white", "red white"),
+    ("Two.", "2"), ("2", "2"), ("the dog", "dog"), ("Dog", "dog"), ("A Dog!", "dog"),
+    ("dont", "don't"), ("he'dve", "he'd've"), ("1,000", "1000"), ("2.5", "2.5"),
+    ("yes, it is", "yes it is"), ("red-white", "red white"),
     ("  none\n", "0"), ("an apple", "apple"),
 ])
 def test_normalize_answer(raw, normalised):
@@ -30,13 +32,14 @@ def test_exact_match_uses_normalisation():
     assert E.score("gqa", "DOG", "dog") == 1.0
     assert E.score("gqa", "dogs", "dog") == 0.0
     assert E.score("gqa", "", "") == 0.0  # an empty prediction is wrong everywhere
-    assert E.score("ocrvqa", "unanswerable", "Unanswerable") == 1.0  # CoIN's OCR-VQA quirk is not copied
+    # CoIN's OCR-VQA quirk is not copied
+    assert E.score("ocrvqa", "unanswerable", "Unanswerable") == 1.0
     assert E.score("vizwiz", "Unanswerable.", "unanswerable") == 1.0
 
 
 def test_vqa_accuracy_with_ten_answers():
-    # k of 10 humans agree; leave each human out: the k subsets without a matching human have k-1 matches,
-    # the 10-k others have k; accuracy = (k * min((k-1)/3, 1) + (10-k) * min(k/3, 1)) / 10
+    # k of 10 humans agree; leave each human out: the k subsets without a matching human have k-1
+    # matches, the 10-k others have k; accuracy = (k * min((k-1)/3, 1) + (10-k) * min(k/3, 1)) / 10
     others = ["cat"] * 10
     # k=1: (1*0 + 9*(1/3)) / 10 = 3/10
     assert E.vqa_accuracy("dog", ["dog"] + others[:9]) == 0.3
@@ -60,14 +63,14 @@ def test_imagenet_exact_or_contained():
     assert E.score("imagenet", "Golden Retriever.", "golden retriever") == 1.0
     assert E.score("imagenet", "cat", "caterpillar") == 0.0
     assert E.score("imagenet", "caterpillar", "cat") == 0.0  # whole words only
-    assert E.score("imagenet", "", "cat") == 0.0  # CoIN counts an empty prediction correct; we do not
+    assert E.score("imagenet", "", "cat") == 0.0  # CoIN counts an empty prediction correct
 
 
 # ---------------------------------------------------------------- letters
 
-@pytest.mark.parametrize("prediction", ["B", "B.", "(B)", "B)", " B ", "B. blue", "(B) blue", "The answer is B",
-                                        "I think the answer is B.", "Option B", "b", "b.", "(b)", "b) blue",
-                                        "the answer is b."])
+@pytest.mark.parametrize("prediction", [
+    "B", "B.", "(B)", "B)", " B ", "B. blue", "(B) blue", "The answer is B",
+    "I think the answer is B.", "Option B", "b", "b.", "(b)", "b) blue", "the answer is b."])
 def test_parse_letter_variants(prediction):
     assert E.parse_letter(prediction) == "B"
     assert E.score("scienceqa", prediction, "B") == 1.0
@@ -108,12 +111,13 @@ def test_iou_and_grounding_threshold():
     assert E.iou([0, 0, 1, 1], [2, 2, 3, 3]) == 0.0
     # [0,0,2,2] and [1,1,3,3]: intersection 1, union 4 + 4 - 1 = 7
     assert E.iou([0, 0, 2, 2], [1, 1, 3, 3]) == pytest.approx(1 / 7)
-    # half of the ground truth: intersection 0.5, union 1 -> IoU exactly 0.5, which is wrong (> 0.5 needed)
+    # half of the ground truth: intersection 0.5, union 1 -> IoU exactly 0.5, wrong (> 0.5 needed)
     assert E.iou([0, 0, 0.5, 1], [0, 0, 1, 1]) == 0.5
     assert E.score("grounding", "[0, 0, 0.5, 1]", [0, 0, 1, 1]) == 0.0
     # 0.51 / 1 just above
     assert E.score("grounding", "[0, 0, 0.51, 1]", [0, 0, 1, 1]) == 1.0
-    assert E.score("grounding", "[0.0,0.0,0.51,1.0]", "[0, 0, 1, 1]") == 1.0  # the answer as text works too
+    # the answer as text works too
+    assert E.score("grounding", "[0.0,0.0,0.51,1.0]", "[0, 0, 1, 1]") == 1.0
     # every digit counts: CoIN's parser would read y2 = 0.9 from 0.95 here
     assert E.score("grounding", "[0.1, 0.1, 0.5, 0.95]", [0.1, 0.1, 0.5, 0.95]) == 1.0
     assert E.score("grounding", "no box", [0, 0, 1, 1]) == 0.0
@@ -124,13 +128,14 @@ def test_iou_and_grounding_threshold():
 # ---------------------------------------------------------------- CIDEr-D
 
 def test_cider_two_image_corpus_by_hand():
-    # image 1: reference "a red circle", candidate "a red red circle"; image 2: "a blue square" both.
-    # idf = log(2 images) - log(images whose refs have the n-gram): "a" is in both -> 0; every other
-    # n-gram (also those in no reference) -> log 2 =: L.
+    # image 1: reference "a red circle", candidate "a red red circle"; image 2: "a blue square"
+    # both. idf = log(2 images) - log(images whose refs have the n-gram): "a" is in both -> 0;
+    # every other n-gram (also those in no reference) -> log 2 =: L.
     # image 1, n=1: cand {a:0, red:2L, circle:L}, ref {a:0, red:L, circle:L}
     #   clipped dot = min(2L,L)*L + L*L = 2L^2; |cand| = sqrt(5) L, |ref| = sqrt(2) L -> 2/sqrt(10)
     #   (without clipping it would be 3/sqrt(10))
-    # n=2: cand {a red, red red, red circle} (all L), ref {a red, red circle} -> 2L^2 / (sqrt3 L sqrt2 L) = 2/sqrt(6)
+    # n=2: cand {a red, red red, red circle} (all L), ref {a red, red circle}
+    #   -> 2L^2 / (sqrt3 L sqrt2 L) = 2/sqrt(6)
     # n=3: {a red red, red red circle} vs {a red circle} -> 0;  n=4: the reference has none -> 0
     # length penalty: 4 vs 3 words -> exp(-1 / (2 * 6^2)) = exp(-1/72)
     image1 = 10 * math.exp(-1 / 72) * (2 / math.sqrt(10) + 2 / math.sqrt(6) + 0 + 0) / 4
@@ -139,21 +144,25 @@ def test_cider_two_image_corpus_by_hand():
     got = E.cider(["a red red circle", "A blue square."], [["a red circle"], ["a blue square"]])
     assert got == pytest.approx((image1 + image2) / 2)  # 5.53621
     assert E.task_score("flickr30k", ["a red red circle", "a blue square"],
-                        [["a red circle"], "a blue square"]) == pytest.approx(100 * (image1 + image2) / 2)
+                        [["a red circle"], "a blue square"]) \
+        == pytest.approx(100 * (image1 + image2) / 2)
 
 
 def test_cider_averages_over_references():
-    # image 1 has two references; the candidate equals the first and shares nothing weighted with the second
-    # idf: "a" (in both images' refs) 0; everything else log 2. vs ref 1 "a red circle": 3/4 as above;
-    # vs ref 2 "green": no shared n-gram -> 0; length 3 vs 1 irrelevant. image 1 = 10 * (3/4 + 0) / 2
+    # image 1 has two references; the candidate equals the first and shares nothing weighted with
+    # the second. idf: "a" (in both images' refs) 0; everything else log 2. vs ref 1 "a red circle":
+    # 3/4 as above; vs ref 2 "green": no shared n-gram -> 0; length 3 vs 1 irrelevant.
+    # image 1 = 10 * (3/4 + 0) / 2
     got = E.cider(["a red circle", "a blue square"], [["a red circle", "green"], ["a blue square"]])
     assert got == pytest.approx((10 * 0.75 / 2 + 7.5) / 2)
 
 
 def test_caption_score_per_sample():
-    # uniform weights: an exact copy of a 3-word reference has cosine 1 for n = 1..3 and no 4-grams -> 3/4
+    # uniform weights: an exact copy of a 3-word reference has cosine 1 for n = 1..3 and no 4-grams:
+    # 3/4
     assert E.score("flickr30k", "a red circle", "a red circle") == pytest.approx(0.75)
-    assert E.score("textcaps", "a big red circle here .", ["a big red circle here"]) == pytest.approx(1.0)
+    assert E.score("textcaps", "a big red circle here .",
+                   ["a big red circle here"]) == pytest.approx(1.0)
     assert E.score("flickr30k", "", ["a red circle"]) == 0.0
     assert 0.0 < E.score("flickr30k", "a red square", ["a red circle"]) < 0.75
 
@@ -163,13 +172,16 @@ def test_caption_score_per_sample():
 @pytest.mark.parametrize("task, prediction, follows", [
     ("scienceqa", "B", True), ("scienceqa", "b", True), ("scienceqa", " C ", True),
     ("scienceqa", "B.", False),                          # SMoLoRA's check: exactly one letter
-    ("scienceqa", "B. blue", False), ("scienceqa", "[0.1, 0.2, 0.3, 0.4]", False), ("scienceqa", "", False),
+    ("scienceqa", "B. blue", False), ("scienceqa", "[0.1, 0.2, 0.3, 0.4]", False),
+    ("scienceqa", "", False),
     ("gqa", "dog", True), ("gqa", "red car", True), ("gqa", "a red car", False), ("gqa", "", False),
-    ("vizwiz", "Unanswerable", True), ("imagenet", "[0.1, 0.2, 0.3, 0.4]", False),  # a box is 4 words
+    ("vizwiz", "Unanswerable", True),
+    ("imagenet", "[0.1, 0.2, 0.3, 0.4]", False),  # a box is 4 words
     ("grounding", "[0.1, 0.2, 0.3, 0.4]", True), ("grounding", "[0.1,0.2,0.3,0.4]", True),
     ("grounding", "[0.1, 0.2, 0.3, 1.4]", False), ("grounding", "box [0.1, 0.2, 0.3, 0.4]", False),
     ("grounding", "A", False),
-    ("flickr30k", "A red circle on the grass.", True), ("flickr30k", "A red circle on grass", False),
+    ("flickr30k", "A red circle on the grass.", True),
+    ("flickr30k", "A red circle on grass", False),
     ("flickr30k", "Red circle on grass.", False),
 ])
 def test_follows_instruction(task, prediction, follows):
@@ -207,9 +219,11 @@ def test_continual_metrics_by_hand():
     m = E.continual_metrics(A, zero_shot)
     assert m["AP"] == pytest.approx((50 + 40 + 90) / 3)                     # 60
     assert m["MFT"] == pytest.approx((80 + 70 + 90) / 3)                    # 80
-    assert m["MAP"] == pytest.approx((80 / 1 + (85 + 70) / 2 + 180 / 3) / 3)  # (80 + 77.5 + 60) / 3 = 72.5
+    # (80 + 77.5 + 60) / 3 = 72.5
+    assert m["MAP"] == pytest.approx((80 / 1 + (85 + 70) / 2 + 180 / 3) / 3)
     assert m["BWT"] == pytest.approx(((50 - 80) + (40 - 70)) / 2)           # -30
-    assert m["forgetting"] == pytest.approx(((85 - 50) + (70 - 40)) / 2)    # 32.5: task 1's best was 85
+    # 32.5: task 1's best was 85
+    assert m["forgetting"] == pytest.approx(((85 - 50) + (70 - 40)) / 2)
     assert m["FWT"] == pytest.approx(((10 - 15) + (45 - 25)) / 2)           # 7.5
     assert E.continual_metrics(A)["FWT"] is None
 
@@ -218,7 +232,7 @@ def test_forgetting_counts_only_the_scores_since_a_task_was_learned():
     A = [[80, 90, 0],    # task 2 already scores 90 before it is learned (stage 1)
          [70, 50, 0],    # learned at stage 2: 50
          [60, 40, 90]]
-    # ours: max over i <= t < T: ((80 - 60) + (50 - 40)) / 2 = 15; DESIGN 6's max over all t < T would give
+    # ours: max over i <= t < T: ((80 - 60) + (50 - 40)) / 2 = 15; a max over all t < T would give
     # ((80 - 60) + (90 - 40)) / 2 = 35, charging task 2 with a score it had before it was learned
     assert E.continual_metrics(A)["forgetting"] == pytest.approx(15.0)
 
@@ -230,7 +244,8 @@ def test_continual_metrics_edge_cases():
     m = E.continual_metrics([[80, None], [60, 70]], zero_shot=[0, 0])
     assert (m["AP"], m["BWT"], m["FWT"]) == (65, -20, None)
     for bad, message in [([], "non-empty"), ([[1, 2], [3]], "ragged"), ([[1, 2, 3]], "square"),
-                         ([[1, float("nan")], [1, 2]], "is nan"), ([[None, 1], [1, 2]], "None"), ([[]], "ragged")]:
+                         ([[1, float("nan")], [1, 2]], "is nan"), ([[None, 1], [1, 2]], "None"),
+                         ([[]], "ragged")]:
         with pytest.raises(ValueError, match=message):
             E.continual_metrics(bad)
     with pytest.raises(ValueError, match="zero_shot has 1"):
@@ -249,31 +264,35 @@ def test_write_report_files(tmp_path):
     E.write_report(tmp_path, results)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["matrix"] == results["matrix"] and saved["config"] == {"seed": 0}
-    assert saved["metrics"] == pytest.approx({"AP": 75.0, "MFT": 85.0, "MAP": (90 + 75) / 2, "BWT": -20.0,
-                                              "forgetting": 20.0, "FWT": 10.0, "MIF": 97.5, "GK": None})
+    assert saved["metrics"] == pytest.approx({
+        "AP": 75.0, "MFT": 85.0, "MAP": (90 + 75) / 2, "BWT": -20.0, "forgetting": 20.0,
+        "FWT": 10.0, "MIF": 97.5, "GK": None})
     md = (tmp_path / "matrix.md").read_text()
-    assert "| after gqa | 70.00 | 80.00 |" in md and "| zero-shot | 50.00 | 40.00 |" in md and "97.50" in md
+    assert ("| after gqa | 70.00 | 80.00 |" in md and "| zero-shot | 50.00 | 40.00 |" in md
+            and "97.50" in md)
     with Image.open(tmp_path / "matrix.png") as png:
         png.load()
         assert png.format == "PNG" and png.width > 200 and png.height > 200
-    assert sorted(os.listdir(tmp_path)) == ["matrix.md", "matrix.png", "results.json"]  # no temp files left
+    # no temporary files left
+    assert sorted(os.listdir(tmp_path)) == ["matrix.md", "matrix.png", "results.json"]
 
 
 def test_write_report_partial_run(tmp_path):
     results = {"method": "lora", "tasks": TASKS2, "config": {}, "seconds": None,
                "matrix": [[10.0, 20.0], [90.0, None]], "mif": [[50.0, 40.0], [100.0, None]]}
     E.write_report(tmp_path, results)
-    assert json.loads((tmp_path / "results.json").read_text())["metrics"] == dict.fromkeys(E.METRICS)
+    assert json.loads((tmp_path / "results.json").read_text())["metrics"] \
+        == dict.fromkeys(E.METRICS)
     assert "| after scienceqa | 90.00 | – |" in (tmp_path / "matrix.md").read_text()
     Image.open(tmp_path / "matrix.png").load()
-    for bad, message in [([[1.0, 2.0], [1.0]], "ragged"), ([[1.0, float("nan")]], "is nan"), ([], "non-empty"),
-                         ([[1.0]], "2 tasks")]:
+    for bad, message in [([[1.0, 2.0], [1.0]], "ragged"), ([[1.0, float("nan")]], "is nan"),
+                         ([], "non-empty"), ([[1.0]], "2 tasks")]:
         with pytest.raises(ValueError, match=message):
             E.write_report(tmp_path, {**results, "matrix": bad})
 
 
 def _run_folder(tmp_path):
-    """A finished 2-task run: results.json with stale numbers, and predictions for stages 0, 1, 2."""
+    """A finished 2-task run: results.json with stale numbers, and predictions for stages 0-2."""
     run = tmp_path / "run"
     texts = {  # (scienceqa predictions, gqa predictions) per stage; answers are A, B / dog, cat
         0: (["A", "the answer is C"], ["dog", "a big grey cat"]),
@@ -285,8 +304,9 @@ def _run_folder(tmp_path):
             E.save_predictions(run / "predictions" / f"stage{stage}" / f"{task}.jsonl", [
                 {"question_id": f"{task}-{k}", "prompt": "q", "text": p, "answer": a}
                 for k, (p, a) in enumerate(zip(preds, answers))])
-    (run / "results.json").write_text(json.dumps({"method": "lora", "tasks": TASKS2, "config": {"lr": 1},
-                                                  "matrix": [[0, 0]], "mif": [[0, 0]], "seconds": 3.0}))
+    (run / "results.json").write_text(json.dumps({
+        "method": "lora", "tasks": TASKS2, "config": {"lr": 1}, "matrix": [[0, 0]], "mif": [[0, 0]],
+        "seconds": 3.0}))
     return run
 
 
@@ -303,7 +323,8 @@ def test_rescore_run_by_hand(tmp_path):
     assert results["metrics"]["AP"] == 75.0 and results["metrics"]["BWT"] == -50.0
     assert results["metrics"]["FWT"] == -50.0  # (A[1][2] - A[0][2]) = 0 - 50
     saved = json.loads((run / "results.json").read_text())
-    assert (saved["config"], saved["seconds"], saved["matrix"]) == ({"lr": 1}, 3.0, results["matrix"])
+    assert (saved["config"], saved["seconds"], saved["matrix"]) \
+        == ({"lr": 1}, 3.0, results["matrix"])
 
 
 def test_rescore_run_bad_predictions(tmp_path):
@@ -330,7 +351,8 @@ def test_cli_rescores_and_rejects_a_bad_folder(tmp_path, capsys):
 
 def test_predictions_round_trip(tmp_path):
     predictions = [{"question_id": 7, "prompt": "q\ninstr", "text": "B", "answer": "B"},
-                   {"question_id": "x", "prompt": "p", "text": "[0.1, 0.2, 0.3, 0.4]", "answer": [0, 0, 1, 1]}]
+                   {"question_id": "x", "prompt": "p", "text": "[0.1, 0.2, 0.3, 0.4]",
+                    "answer": [0, 0, 1, 1]}]
     E.save_predictions(tmp_path / "sub" / "p.jsonl", predictions)
     assert E.load_predictions(tmp_path / "sub" / "p.jsonl") == predictions
 
@@ -339,20 +361,24 @@ def test_predictions_round_trip(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A 1-layer, width-32 LlavaForConditionalGeneration with random weights around data.build_processor(),
-    and 5 synthetic scienceqa test records."""
+    """A 1-layer, width-32 LlavaForConditionalGeneration with random weights around
+    data.build_processor(), and 5 synthetic scienceqa test records."""
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration)
     import data
     torch.manual_seed(0)
     processor = data.build_processor()
     tok = processor.tokenizer
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=data.IMAGE_SIZE, patch_size=data.PATCH)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, image_size=data.IMAGE_SIZE,
+                              patch_size=data.PATCH)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                       max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_id=tok.convert_tokens_to_ids("<image>"),
                          vision_feature_select_strategy="default", vision_feature_layer=-1)
     model = LlavaForConditionalGeneration(config)
     root = str(tmp_path_factory.mktemp("data"))
@@ -382,13 +408,16 @@ def test_rescore_checks_question_ids_against_the_test_records(tiny, tmp_path):
     predictions = E.generate_predictions(model, processor, records, "scienceqa", batch_size=5)
     run = tmp_path / "run"
     (run / "predictions" / "stage1").mkdir(parents=True)
-    (run / "results.json").write_text(json.dumps({"method": "lora", "tasks": ["scienceqa"], "config": {"data": root},
-                                                  "matrix": [[None]], "mif": [[None]], "seconds": 1.0}))
+    (run / "results.json").write_text(json.dumps({
+        "method": "lora", "tasks": ["scienceqa"], "config": {"data": root}, "matrix": [[None]],
+        "mif": [[None]], "seconds": 1.0}))
     E.save_predictions(run / "predictions" / "stage1" / "scienceqa.jsonl", predictions)
-    expected = E.task_score("scienceqa", [p["text"] for p in predictions], [r["answer"] for r in records])
+    expected = E.task_score("scienceqa", [p["text"] for p in predictions],
+                            [r["answer"] for r in records])
     assert E.rescore_run(run)["matrix"] == [[None], [expected]]
     E.save_predictions(run / "predictions" / "stage1" / "scienceqa.jsonl", predictions[:4])
-    with pytest.raises(ValueError, match="question ids do not match the 5 test records of scienceqa"):
+    with pytest.raises(ValueError,
+                       match="question ids do not match the 5 test records of scienceqa"):
         E.rescore_run(run)
 
 
@@ -399,7 +428,8 @@ PICKS = {"a": [[[0, 1], [2, 0]], [[1, 1], [2, 0]]], "b": [[[0, 1], [3, 1]]]}
 
 
 def test_routing_overlap_by_hand():
-    # VU, layer 1: a half on 0, half on 1; b on 0 -> a.b = 0.5, a.a = 0.5. Layer 2: a on 2, b on 3 -> 0; a.a = 1
+    # VU, layer 1: a half on 0, half on 1; b on 0 -> a.b = 0.5, a.a = 0.5.
+    # Layer 2: a on 2, b on 3 -> 0; a.a = 1
     assert sum(E.routing_overlap(PICKS, 0), []) == pytest.approx([75.0, 25.0, 25.0, 100.0])
     # IF: layer 1 all on 1 -> 1; layer 2 a on 0, b on 1 -> 0
     assert sum(E.routing_overlap(PICKS, 1), []) == pytest.approx([100.0, 50.0, 50.0, 100.0])
@@ -408,7 +438,8 @@ def test_routing_overlap_by_hand():
 def test_write_routing_files(tmp_path):
     E.write_routing(tmp_path, "smolora", PICKS, pool_size=4)
     md = (tmp_path / "routing.md").read_text()
-    assert "| a | 75.00 | 25.00 |" in md and "| b | 50.00 | 100.00 |" in md and "2 SMoLoRA layers" in md
+    assert ("| a | 75.00 | 25.00 |" in md and "| b | 50.00 | 100.00 |" in md
+            and "2 SMoLoRA layers" in md)
     with Image.open(tmp_path / "routing.png") as png:
         png.load()
         assert png.format == "PNG" and png.width > 200
