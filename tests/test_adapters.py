@@ -105,7 +105,7 @@ def test_moelora_equals_the_naive_sum_over_experts():
 
 
 def naive_smolora(layer, x, mask, ins):
-    """DESIGN.md 2.3, one sample and one token at a time."""
+    """The SMoLoRA paper's formulas, one sample and one token at a time."""
     out = torch.empty(x.shape[0], x.shape[1], layer.base.out_features)
     pool, s, k = layer.num_experts // 2, layer.scaling, layer.top_k
     for b in range(x.shape[0]):

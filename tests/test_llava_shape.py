@@ -1,6 +1,6 @@
 """The real-checkpoint path without a GPU: a checkpoint folder shaped like llava-hf/llava-1.5-7b-hf (its processor
 settings and chat template, a SentencePiece-style BPE tokenizer with <image> and <pad> added, bfloat16) at tiny
-widths, and a data folder in CoIN's layout with photos of COCO's sizes (DESIGN.md section 4)."""
+widths, and a data folder in CoIN's layout with photos of COCO's sizes."""
 import json
 import os
 

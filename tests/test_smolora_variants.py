@@ -126,7 +126,7 @@ def test_dora_goes_where_lora_goes_and_its_magnitude_is_saved():
 # ---- SMoLoRA's ablation ------------------------------------------------------------------------------------
 
 def naive_parts(layer, x, ins, parts):
-    """DESIGN.md 2.3's ablation, top-1, one sample and one token at a time, no mask."""
+    """The SMoLoRA paper's ablation, top-1, one sample and one token at a time, no mask."""
     pool, s = layer.num_experts // 2, layer.scaling
     out = torch.empty(x.shape[0], x.shape[1], layer.base.out_features)
     for b in range(x.shape[0]):
