@@ -184,6 +184,8 @@ def test_smolora_keeps_the_prompt_routing_for_decode_steps():
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_routers_learn_only_with_top_k_above_one(top_k):
     layer = smolora_layer(top_k)
+    assert layer.vu_router.weight.requires_grad == layer.if_router.weight.requires_grad == (top_k > 1)
+    layer.requires_grad_(True)                    # frozen at top-1: let them take the gradient there is
     layer(torch.randn(2, 4, 6), torch.ones(2, 4), torch.randn(2, 7)).pow(2).sum().backward()
     router_grad = layer.vu_router.weight.grad.abs().sum() + layer.if_router.weight.grad.abs().sum()
     assert layer.lora_A.grad.abs().sum() > 0 and layer.fuse_vu.weight.grad.abs().sum() > 0
