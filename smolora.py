@@ -25,15 +25,17 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import safetensors.torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import (AutoModel, AutoProcessor, AutoTokenizer, CLIPVisionConfig, LlamaConfig,
                           LlavaConfig, LlavaForConditionalGeneration)
@@ -238,8 +240,9 @@ class SMoLoRALinear(nn.Module):
         kw = dict(device=base.weight.device, dtype=torch.float32)
         self.vu_router = nn.Linear(base.in_features, pool, bias=False, **kw)              # R_vu
         self.if_router = nn.Linear(ins_dim or base.in_features, pool, bias=False, **kw)   # R_if
-        self.vu_router.requires_grad_(top_k > 1)       # top-1: no gradient reaches them (above)
-        self.if_router.requires_grad_(top_k > 1)
+        # top-1: no gradient reaches them (above); nor the router of a pool the ablation leaves out
+        self.vu_router.requires_grad_(top_k > 1 and "vu" in parts)
+        self.if_router.requires_grad_(top_k > 1 and "if" in parts)
         if self.fusion:   # I_vu, I_if (1, out): no bias, as in the paper and the official code
             self.fuse_vu, self.fuse_if = (nn.Linear(base.out_features, 1, bias=False, **kw)
                                           for _ in range(2))
@@ -489,11 +492,13 @@ def cosine_with_warmup(optimizer, total_steps, warmup=0.03):
 
 
 def answer_loss(model, batch):
-    """Next-token cross-entropy on the answer tokens of a collated batch (labels -100 elsewhere)."""
-    batch = {k: v.to(model.device) for k, v in batch.items()}
-    route_batch(model, batch)
+    """Next-token cross-entropy on the answer tokens of a collated batch (labels -100 elsewhere).
+    Under torchrun `model` is the DistributedDataParallel around the model (data_parallel)."""
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    batch = {k: v.to(inner.device) for k, v in batch.items()}
+    route_batch(inner, batch)
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 pixel_values=batch["pixel_values"].to(model.dtype), labels=batch["labels"]).loss
+                 pixel_values=batch["pixel_values"].to(inner.dtype), labels=batch["labels"]).loss
 
 
 class NaNLoss(ValueError):
@@ -504,15 +509,15 @@ def train_step(model, batches, optimizer, schedule, max_grad_norm=1.0, penalty=N
     """One optimizer step on the answer loss averaged over the micro-batches (a list of collated
     batches: gradient accumulation), plus penalty() where a method adds one (EWC, O-LoRA).
     Returns the loss."""
-    total = 0.0
-    for batch in batches:
-        loss = answer_loss(model, batch) + (penalty() if penalty is not None else 0)
-        if not torch.isfinite(loss):
-            raise NaNLoss(f"the loss became {loss.item()}")
-        (loss / len(batches)).backward()              # the gradient of the micro-batches' mean
+    params, total = [p for group in optimizer.param_groups for p in group["params"]], 0.0
+    for i, batch in enumerate(batches):
+        with gradient_sync(model, i == len(batches) - 1):   # under torchrun: once, at the last
+            loss = answer_loss(model, batch) + (penalty() if penalty is not None else 0)
+            (loss / len(batches)).backward()          # the gradient of the micro-batches' mean
         total += loss.item() / len(batches)
+    if not on_every_rank(math.isfinite(total), params[0].device):
+        raise NaNLoss(f"the loss became {total}")
     with uninterrupted():                             # a step is taken whole or not at all
-        params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         schedule.step()
@@ -522,12 +527,13 @@ def train_step(model, batches, optimizer, schedule, max_grad_norm=1.0, penalty=N
 
 def train_stage(model, processor, records, cfg, stage, name, out, penalty=None, progress=True):
     """Tune the adapters on one stage's records (stage `name`, 1-based `stage`) in optimizer steps
-    of cfg.grad_accum micro-batches of cfg.batch_size."""
-    size, accum = cfg.batch_size, cfg.grad_accum
-    steps = max(1, math.ceil(cfg.epochs * len(records) / (size * accum)))     # optimizer steps
+    of cfg.grad_accum micro-batches of cfg.batch_size (on each rank, under torchrun)."""
+    rank, ranks = rank_and_world()
+    size, per_step = cfg.batch_size, cfg.grad_accum * ranks          # micro-batches a step
+    steps = max(1, math.ceil(cfg.epochs * len(records) / (size * per_step)))  # optimizer steps
     # the micro-batches, reshuffled each pass, drawn from the seed alone: a resumed run draws them
     generator = torch.Generator().manual_seed(cfg.seed + stage)
-    passes = math.ceil(steps * accum * size / len(records))
+    passes = math.ceil(steps * per_step * size / len(records))
     order = torch.cat([torch.randperm(len(records), generator=generator) for _ in range(passes)])
     order = order.tolist()
     optimizer = torch.optim.AdamW(
@@ -539,15 +545,16 @@ def train_stage(model, processor, records, cfg, stage, name, out, penalty=None, 
     torch.manual_seed(cfg.seed + stage)             # adapter dropout: the same draws on every run
     checkpoint = StageCheckpoint(out, stage, model, optimizer, schedule)
     first_step = checkpoint.resume() if cfg.resume else 0
-    collate = data.Collator(processor, train=True)
+    collate, trainee = data.Collator(processor, train=True), data_parallel(model)
     model.train()
     with tqdm(range(first_step, steps), desc=f"stage {stage}: tuning on {name}", initial=first_step,
               total=steps, disable=not progress) as bar:
         for step in bar:
             with checkpoint.step(step):             # Ctrl-C keeps the steps done; NaN stops the run
+                mine = range(step * per_step + rank, (step + 1) * per_step, ranks)  # rank r: r-th
                 micro_batches = [collate([records[i] for i in order[m * size:(m + 1) * size]])
-                                 for m in range(step * accum, (step + 1) * accum)]
-                loss = train_step(model, micro_batches, optimizer, schedule, penalty=penalty)
+                                 for m in mine]
+                loss = train_step(trainee, micro_batches, optimizer, schedule, penalty=penalty)
             bar.set_postfix(loss=f"{loss:.3f}")
             checkpoint.now_and_then(step + 1, steps)
     model.eval()
@@ -689,7 +696,8 @@ def routing_report(ctx):
     picks = {task: routing_picks(ctx.model, ctx.processor, ctx.test[task], ctx.cfg.batch_size)
              for task in ctx.tasks + ctx.cfg.unseen}
     oracle = ", IF routed by task (oracle)" if ctx.cfg.if_routing == "task" else ""
-    eval.write_routing(ctx.out, ctx.cfg.method + oracle, picks, ctx.cfg.experts // 2)
+    if is_main():
+        eval.write_routing(ctx.out, ctx.cfg.method + oracle, picks, ctx.cfg.experts // 2)
 
 
 @dataclass(frozen=True)
@@ -760,9 +768,13 @@ class Config:
     seed: int = knob(0, "seed of adapter init, data order and dropout")
     r: int = knob(32, "total adapter rank (olora: shared by the tasks, r/T each)")
     alpha: float = knob(64, "LoRA alpha: the scale is alpha / r")
+    dropout: float = knob(0.05, "on every adapter's input (the papers' MoE value, LLaVA's LoRA "
+                          "scripts'); 0 under torchrun gives the run of one process")
     experts: int = knob(8, "number of experts (MoELoRA, SMoLoRA)")
     lr: float = knob(5e-3, "the LLM adapters' learning rate (the projector's x0.2)")
-    batch_size: int = knob(32, "training (micro-)batch and evaluation batch size")
+    batch_size: int = knob(32, "the micro-batch one process computes at once, in training and "
+                           "evaluation (per rank under torchrun: an optimizer step sees "
+                           "batch-size x grad-accum x ranks records)")
     grad_accum: int = knob(1, "micro-batches per optimizer step")
     epochs: float = knob(8, "passes over each task's training records")
     weight_decay: float = knob(0.0, "AdamW's")
@@ -818,7 +830,7 @@ class Config:
         for knob_ in fields(self):
             name, value, owner = knob_.name, getattr(self, knob_.name), knob_.metadata.get("owner")
             flag, choices = "--" + name.replace("_", "-"), knob_.metadata.get("choices")
-            least = "0 or more" if name == "weight_decay" else "positive"
+            least = "0 or more" if name in ("weight_decay", "dropout") else "positive"
             if type(value) in (int, float) and name != "seed" and (value < 0 or value == 0 and
                                                                    least == "positive"):
                 raise ValueError(f"{flag} {value} is not allowed: it must be {least}")
@@ -829,6 +841,8 @@ class Config:
                     raise ValueError(f"{flag} {value!r} is not allowed with --method "
                                      f"{self.method!r}: it is {owner}'s")
                 setattr(self, name, None)
+        if self.dropout >= 1:
+            raise ValueError(f"--dropout {self.dropout} is not allowed: it must be below 1")
         if self.replay_ratio is not None and self.replay_ratio > 1:
             raise ValueError(f"--replay-ratio {self.replay_ratio} is not allowed: it must be in "
                              f"(0, 1]")
@@ -854,7 +868,6 @@ class Config:
 # (128 against 4096) and epochs enough for it to learn a task.
 PAPER = dict(r=128, alpha=256, lr=2e-4, batch_size=8, grad_accum=8, epochs=1)
 SMOLORA_PAPER = dict(PAPER, lr=1e-4, weight_decay=0.01)
-ADAPTER_DROPOUT = 0.05   # on every adapter's input: the papers' MoE value and LLaVA's LoRA scripts'
 
 
 def run(cfg, progress=True):
@@ -918,7 +931,7 @@ class RunContext:
 
 def adapter_hparams(cfg, ins_dim=None):
     """The run's knobs that its method's adapter class takes, by the class's signature."""
-    knobs = dict(r=cfg.r, alpha=cfg.alpha, dropout=ADAPTER_DROPOUT, num_experts=cfg.experts,
+    knobs = dict(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, num_experts=cfg.experts,
                  top_k=cfg.top_k, num_tasks=len(cfg.tasks), ins_dim=ins_dim,
                  parts=cfg.smolora_parts and tuple(cfg.smolora_parts.split(",")))
     takes = inspect.signature(ADAPTERS[METHODS[cfg.method].adapter]).parameters
@@ -953,18 +966,21 @@ def evaluate(ctx, task, path):
     if ctx.cfg.resume and path.exists():
         predictions = eval.load_predictions(path)
     else:
-        predictions = eval.generate_predictions(
-            ctx.model, ctx.processor, ctx.test[task], task, batch_size=ctx.cfg.batch_size,
-            before_generate=partial(route_batch, ctx.model), desc=f"evaluating {task}",
-            progress=ctx.progress)
-        eval.save_predictions(path, predictions)
+        generate = partial(eval.generate_predictions, ctx.model, ctx.processor, task=task,
+                           batch_size=ctx.cfg.batch_size, desc=f"evaluating {task}",
+                           before_generate=partial(route_batch, ctx.model), progress=ctx.progress)
+        predictions = sharded(generate, ctx.test[task], ctx.cfg.batch_size)   # over the ranks
+        if is_main():
+            eval.save_predictions(path, predictions)
     return eval.score_predictions(task, predictions)
 
 
 def save_results(ctx, title):
     """results.json, matrix.md and matrix.png as they stand; the matrices printed under `title`."""
     ctx.results["seconds"] = ctx.seconds_before + time.time() - ctx.started
-    eval.write_report(ctx.out, ctx.results)
+    if is_main():
+        eval.write_report(ctx.out, ctx.results)
+    barrier()                         # under torchrun: every rank then reads the report written
     if ctx.progress:
         print(f"\n{title}:\n" + (ctx.out / "matrix.md").read_text())
 
@@ -972,11 +988,11 @@ def save_results(ctx, title):
 def open_run(cfg, progress=True):
     """The run's context: its folder, the model, each task's records with the f(X_ins) they route
     on, and the results to fill in."""
-    started = time.time()
+    started, progress = time.time(), progress and is_main()
     encoder = load_encoder(cfg.ins_encoder) if cfg.ins_encoder else None
     out = prepare_out(cfg)
-    model_path = cfg.model or ensure_tiny_model(cfg.cache, progress)
-    data_root = cfg.data or ensure_synthetic(cfg, progress)
+    model_path = cfg.model or main_rank_first(ensure_tiny_model, cfg.cache, progress)
+    data_root = cfg.data or main_rank_first(ensure_synthetic, cfg, progress)
     model, processor = load_model(model_path, cfg.device, getattr(torch, cfg.dtype))
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -1126,11 +1142,13 @@ def prepare_out(cfg):
         raise ValueError(f"--out {out} holds a different run "
                          f"({', '.join(f'{k}={old.get(k)!r}' for k in differs)}); choose another "
                          f"--out or delete that folder")
-    if not cfg.resume:
-        for stale in ("adapters", "predictions", "checkpoint.pt"):
-            path = out / stale
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    if is_main():
+        if not cfg.resume:
+            for stale in ("adapters", "predictions", "checkpoint.pt"):
+                path = out / stale
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+    barrier()
     return out
 
 
@@ -1144,14 +1162,16 @@ def load_if_resuming(ctx, saved):
 
 def save_adapters(model, saved, out):
     """A stage's adapters, atomically; its mid-stage checkpoint is then of no more use."""
-    saved.parent.mkdir(exist_ok=True)
-    eval.write_atomic(saved, safetensors.torch.save(adapter_state_dict(model)))
-    (out / "checkpoint.pt").unlink(missing_ok=True)
+    if is_main():
+        saved.parent.mkdir(exist_ok=True)
+        eval.write_atomic(saved, safetensors.torch.save(adapter_state_dict(model)))
+        (out / "checkpoint.pt").unlink(missing_ok=True)
+    barrier()
 
 
 class StageCheckpoint:
-    """checkpoint.pt in the run folder: a stage's adapters, optimizer, schedule and RNG after a
-    number of steps, written every CHECKPOINT_SECONDS and on Ctrl-C."""
+    """checkpoint.pt in the run folder: a stage's adapters, optimizer, schedule and every rank's RNG
+    after a number of steps, written every CHECKPOINT_SECONDS and, by one process, on Ctrl-C."""
 
     def __init__(self, out, stage, model, optimizer, schedule):
         self.path, self.stage, self.model = out / "checkpoint.pt", stage, model
@@ -1170,23 +1190,31 @@ class StageCheckpoint:
                              f"{self.stage} from its start") from None
         if state["stage"] != self.stage:
             return 0
+        rank, ranks = rank_and_world()
+        if len(state["rng"]) != ranks:
+            raise ValueError(f"{self.path} was saved by {len(state['rng'])} rank(s), this run has "
+                             f"{ranks}: resume with as many, or delete it to redo stage "
+                             f"{self.stage} from its start")
         load_adapter_state_dict(self.model, state["adapters"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"][rank])
         return state["step"]
 
     def save(self, done):
-        state = {"stage": self.stage, "step": done, "adapters": adapter_state_dict(self.model),
-                 "rng": torch.get_rng_state(), "optimizer": self.optimizer.state_dict(),
-                 "schedule": self.schedule.state_dict()}
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        eval.write_atomic(self.path, buffer.getvalue())
+        rngs = gathered(torch.get_rng_state())       # each rank draws its own dropout masks
+        if is_main():
+            state = {"stage": self.stage, "step": done, "adapters": adapter_state_dict(self.model),
+                     "rng": rngs, "optimizer": self.optimizer.state_dict(),
+                     "schedule": self.schedule.state_dict()}
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            eval.write_atomic(self.path, buffer.getvalue())
 
     def now_and_then(self, done, steps):
-        """Save after `done` steps if CHECKPOINT_SECONDS have passed and the stage is not over."""
-        if time.time() - self.saved_at > CHECKPOINT_SECONDS and done < steps:
+        """Save after `done` steps if CHECKPOINT_SECONDS have passed (on rank 0's clock) and the
+        stage is not over."""
+        if as_rank_0_says(time.time() - self.saved_at > CHECKPOINT_SECONDS and done < steps):
             self.save(done)
             self.saved_at = time.time()
 
@@ -1206,6 +1234,10 @@ class StageCheckpoint:
                           f"--lr and rerun with --resume") from None
         except KeyboardInterrupt:
             done = self.schedule.last_epoch              # the steps taken
+            if rank_and_world()[1] > 1:   # a save waits for every rank, and one may be gone
+                raise KeyboardInterrupt(f"interrupted at stage {self.stage} step {done}; continue "
+                                        f"with --resume, from the stage's last checkpoint or its "
+                                        f"start") from None
             if done == step:
                 torch.set_rng_state(rng)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -1228,7 +1260,109 @@ def uninterrupted():
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. The command line: `python smolora.py --tasks scienceqa,textvqa`, one flag per Config field.
+# 8. More than one GPU: `torchrun --nproc_per_node N smolora.py ...`. Every rank holds the whole
+#    model and its share of each step's micro-batches and of each evaluation;
+#    DistributedDataParallel averages the adapters' gradients; rank 0 alone writes. Plain
+#    `python smolora.py` is one rank: each function below is then the identity or does nothing.
+
+def rank_and_world():
+    """(this process's rank, the number of ranks): (0, 1) unless started under torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main():
+    return rank_and_world()[0] == 0
+
+
+def start_ranks(cfg):
+    """Under torchrun: join the ranks (NCCL on CUDA, gloo on CPU), each on the GPU of its
+    LOCAL_RANK; a rank that torchrun stops stops as on Ctrl-C."""
+    if "LOCAL_RANK" not in os.environ or dist.is_initialized():
+        return
+    if cfg.device not in ("cpu", "cuda"):
+        raise ValueError(f"--device {cfg.device} is not allowed under torchrun: give cuda, and "
+                         f"each rank takes the GPU of its LOCAL_RANK")
+    if cfg.device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def main_rank_first(make, *args):
+    """make(*args) on rank 0 first, then on the others, which find what it made (in the cache)."""
+    if not is_main():
+        barrier()
+    made = make(*args)
+    if is_main():
+        barrier()
+    return made
+
+
+def data_parallel(model):
+    """What training calls: under torchrun the model in DistributedDataParallel, whose backward
+    averages the trainable (adapter) parameters' gradients over the ranks."""
+    if not dist.is_initialized():
+        return model
+    return DistributedDataParallel(model, broadcast_buffers=False)
+
+
+def gradient_sync(model, now):
+    """DDP's no_sync() for a step's micro-batches but the last: the ranks average once a step."""
+    if isinstance(model, DistributedDataParallel) and not now:
+        return model.no_sync()
+    return nullcontext()
+
+
+def on_every_rank(true, device):
+    """Whether `true` holds on every rank (so that all stop together, on a NaN loss anywhere)."""
+    if not dist.is_initialized():
+        return true
+    flag = torch.tensor(float(true), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def as_rank_0_says(decision):
+    """Rank 0's `decision` on every rank."""
+    if not dist.is_initialized():
+        return decision
+    said = [decision]
+    dist.broadcast_object_list(said, src=0)
+    return said[0]
+
+
+def gathered(value):
+    """[value of rank 0, of rank 1, ...]."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def sharded(compute, records, batch_size):
+    """compute(records) over the ranks: rank r takes the whole batches r, r + N, ... (so that each
+    batch is the one a single process computes), and every rank gets all the results, in order."""
+    rank, ranks = rank_and_world()
+    if ranks == 1:
+        return compute(records)
+    batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
+    shares = gathered(compute([r for batch in batches[rank::ranks] for r in batch]))
+    results, taken = [], [0] * ranks
+    for k, batch in enumerate(batches):   # batch k is the (k // N)-th of rank k % N
+        share = k % ranks
+        results += shares[share][taken[share]:taken[share] + len(batch)]
+        taken[share] += len(batch)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. The command line: `python smolora.py --tasks scienceqa,textvqa`, one flag per Config field.
 
 TASK_LISTS = {"coin": data.COIN_TASKS, "smolora": data.SMOLORA_TASKS}
 
@@ -1321,27 +1455,35 @@ def parse_configs(argv=None):
 
 
 def main(argv=None):
+    say = print if os.environ.get("RANK", "0") == "0" else lambda *_, **__: None  # rank 0 alone
     try:
         configs = parse_configs(argv)    # all checked before any runs
+        start_ranks(configs[0])
         runs = []
         for cfg in configs:
-            print("configuration: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+            say("configuration: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
             runs.append(run(cfg))
             metrics = ", ".join(f"{k} {v:.1f}" for k, v in runs[-1]["metrics"].items()
                                 if v is not None)
-            print(f"{cfg.method} done in {runs[-1]['seconds']:.0f} s: {metrics}; report in "
-                  f"{cfg.out}/matrix.md")
-        if len(configs) > 1:
+            say(f"{cfg.method} done in {runs[-1]['seconds']:.0f} s: {metrics}; report in "
+                f"{cfg.out}/matrix.md")
+        if len(configs) > 1 and is_main():
             folder = Path(configs[0].out).parent
             eval.write_comparison(folder, runs)
-            print(f"comparison of {', '.join(r['method'] for r in runs)} in {folder}/compare.md "
-                  f"and compare.png")
+            say(f"comparison of {', '.join(r['method'] for r in runs)} in {folder}/compare.md "
+                f"and compare.png")
+        if dist.is_initialized():
+            dist.destroy_process_group()
     except ValueError as e:   # bad input, a NaN loss: one line, exit status 2, nothing saved lost
-        print(f"smolora.py: error: {e}", file=sys.stderr)
+        say(f"smolora.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:   # Ctrl-C: training saved its step, evaluation its tasks done
-        print(str(e) or "interrupted; what was saved is kept: continue with --resume",
-              file=sys.stderr)
+        say(str(e) or "interrupted; what was saved is kept: continue with --resume",
+            file=sys.stderr)
+        sys.exit(130)
+    except dist.DistError:           # under torchrun, another rank stopped
+        say("another rank stopped; what was saved is kept: continue with --resume",
+            file=sys.stderr)
         sys.exit(130)
 
 
