@@ -25,6 +25,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from functools import partial
@@ -509,15 +510,16 @@ def train_step(model, batches, optimizer, schedule, max_grad_norm=1.0, penalty=N
     """One optimizer step on the answer loss averaged over the micro-batches (a list of collated
     batches: gradient accumulation), plus penalty() where a method adds one (EWC, O-LoRA).
     Returns the loss."""
-    params, total = [p for group in optimizer.param_groups for p in group["params"]], 0.0
+    total = 0.0
     for i, batch in enumerate(batches):
         with gradient_sync(model, i == len(batches) - 1):   # under torchrun: once, at the last
             loss = answer_loss(model, batch) + (penalty() if penalty is not None else 0)
             (loss / len(batches)).backward()          # the gradient of the micro-batches' mean
         total += loss.item() / len(batches)
-    if not on_every_rank(math.isfinite(total), params[0].device):
+    if not all(gathered(math.isfinite(total))):      # under torchrun: all ranks stop together
         raise NaNLoss(f"the loss became {total}")
     with uninterrupted():                             # a step is taken whole or not at all
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         schedule.step()
@@ -1214,7 +1216,8 @@ class StageCheckpoint:
     def now_and_then(self, done, steps):
         """Save after `done` steps if CHECKPOINT_SECONDS have passed (on rank 0's clock) and the
         stage is not over."""
-        if as_rank_0_says(time.time() - self.saved_at > CHECKPOINT_SECONDS and done < steps):
+        due = time.time() - self.saved_at > CHECKPOINT_SECONDS and done < steps
+        if gathered(due)[0]:                        # as rank 0's clock says, on every rank
             self.save(done)
             self.saved_at = time.time()
 
@@ -1286,6 +1289,8 @@ def start_ranks(cfg):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SMoLoRA's (1, out) fusion vectors get strided gradients, which DDP copies: a warning, not a bug
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 
 def barrier():
@@ -1308,7 +1313,10 @@ def data_parallel(model):
     averages the trainable (adapter) parameters' gradients over the ranks."""
     if not dist.is_initialized():
         return model
-    return DistributedDataParallel(model, broadcast_buffers=False)
+    # the buffers (O-LoRA's past LoRAs) are alike on every rank: not sent at each forward
+    quiet = ("forward_sync_buffers" if "forward_sync_buffers" in   # its name from torch 2.13
+             inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
+    return DistributedDataParallel(model, **{quiet: False})
 
 
 def gradient_sync(model, now):
@@ -1316,24 +1324,6 @@ def gradient_sync(model, now):
     if isinstance(model, DistributedDataParallel) and not now:
         return model.no_sync()
     return nullcontext()
-
-
-def on_every_rank(true, device):
-    """Whether `true` holds on every rank (so that all stop together, on a NaN loss anywhere)."""
-    if not dist.is_initialized():
-        return true
-    flag = torch.tensor(float(true), device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def as_rank_0_says(decision):
-    """Rank 0's `decision` on every rank."""
-    if not dist.is_initialized():
-        return decision
-    said = [decision]
-    dist.broadcast_object_list(said, src=0)
-    return said[0]
 
 
 def gathered(value):
@@ -1352,13 +1342,8 @@ def sharded(compute, records, batch_size):
     if ranks == 1:
         return compute(records)
     batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
-    shares = gathered(compute([r for batch in batches[rank::ranks] for r in batch]))
-    results, taken = [], [0] * ranks
-    for k, batch in enumerate(batches):   # batch k is the (k // N)-th of rank k % N
-        share = k % ranks
-        results += shares[share][taken[share]:taken[share] + len(batch)]
-        taken[share] += len(batch)
-    return results
+    shares = [iter(share) for share in gathered(compute(sum(batches[rank::ranks], [])))]
+    return [next(shares[k % ranks]) for k, batch in enumerate(batches) for _ in batch]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1475,16 +1460,24 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()
     except ValueError as e:   # bad input, a NaN loss: one line, exit status 2, nothing saved lost
-        say(f"smolora.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        stop(2, f"smolora.py: error: {e}", say)
     except KeyboardInterrupt as e:   # Ctrl-C: training saved its step, evaluation its tasks done
-        say(str(e) or "interrupted; what was saved is kept: continue with --resume",
-            file=sys.stderr)
-        sys.exit(130)
-    except dist.DistError:           # under torchrun, another rank stopped
-        say("another rank stopped; what was saved is kept: continue with --resume",
-            file=sys.stderr)
-        sys.exit(130)
+        stop(130, str(e) or "interrupted; what was saved is kept: continue with --resume", say)
+    except RuntimeError as e:        # under torchrun, a collective whose peer has gone
+        if not (isinstance(e, dist.DistError) or "gloo" in str(e)):
+            raise
+        rank, ranks = rank_and_world()
+        stop(130, f"rank {rank} of {ranks}: another rank stopped; what was saved is kept: "
+                  f"continue with --resume", print)
+
+
+def stop(status, line, say):
+    """Exit with `status` after one line on standard error, left in peace by further signals
+    (torchrun's to the ranks left)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    say(line, file=sys.stderr)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -141,10 +141,18 @@ def test_the_readme_reads_in_one_sitting():
 
 
 def readme_commands():
-    """Every `python smolora.py ...` command in the README's bash blocks, continuation lines joined."""
+    """The flags of every `python smolora.py ...` and `torchrun ... smolora.py -- ...` command in the
+    README's bash blocks, continuation lines joined."""
     blocks = re.findall(r"```bash\n(.*?)```", README, re.S)
     lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
-    return [shlex.split(line)[2:] for line in lines if line.strip().startswith("python smolora.py")]
+    commands = []
+    for words in (shlex.split(line, comments=True) for line in lines):
+        if words[:2] == ["python", "smolora.py"]:
+            commands.append(words[2:])
+        elif words[:1] == ["torchrun"]:     # torchrun's flags, smolora.py, --, smolora's flags
+            assert words[words.index("smolora.py") + 1] == "--", " ".join(words)
+            commands.append(words[words.index("smolora.py") + 2:])
+    return commands
 
 
 @pytest.mark.parametrize("argv", readme_commands(), ids=" ".join)
@@ -158,3 +166,4 @@ def test_readme_shows_the_default_command_and_the_gpu_command():
     commands = readme_commands()
     assert ["--tasks", "scienceqa,textvqa"] in commands
     assert any({"--model", "--data", "--device", "--dtype", "--grad-checkpointing"} <= set(c) for c in commands)
+    assert sum("--nproc_per_node" in line for line in README.splitlines() if line.startswith("torchrun")) == 2
