@@ -857,6 +857,12 @@ def expand_to_square(image, processor):
     return square
 
 
+# What a Collator keeps of its records' tensors, in bytes (pixels, mostly): a tiny-model task whole
+# (1000 records of 50 KB) fits, while a real LLaVA's 1.35 MB a record at 336 px would fill the RAM
+# on a full CoIN task; records beyond it are prepared on every call instead, to the same bits.
+CACHE_BYTES = 256 * 2**20
+
+
 class Collator:
     """Records -> {input_ids (B, L), attention_mask (B, L), pixel_values (B, 3, H, W),
     ins_mask (B, L), when train labels (B, L), and ins_embedding (B, d) when the records carry
@@ -864,12 +870,49 @@ class Collator:
     tokens and the EOS. Eval: the prompt alone, left-padded for generate. ins_mask is True on the
     instruction's tokens, which SMoLoRA's instruction router averages over (this project's
     f(X_ins)). Sequences longer than max_length are cut at the end in training (as LLaVA's
-    model_max_length); a prompt that long is an error."""
+    model_max_length); a prompt that long is an error.
 
-    def __init__(self, processor, train, max_length=None):
+    A record is prepared once per Collator (its image decoded, its prompt rendered, the processor
+    run, its masks found) into unpadded tensors that the Collator keeps: a stage makes one Collator
+    and collates the same records every epoch, and preparing them each time was a third of the tiny
+    model's training time. A batch pads the kept tensors as the processor pads, so its bits are the
+    processor's whatever the batch. Records are kept by what their tensors are made of (id, image
+    path, text, instruction, and the answer in training), up to cache_bytes in all, first come
+    first kept; images in memory (the caption corpus: fresh scenes every batch) are never kept."""
+
+    def __init__(self, processor, train, max_length=None, cache_bytes=CACHE_BYTES):
         self.processor, self.train, self.max_length = processor, train, max_length
+        self.cache, self.cache_bytes, self.cached_bytes = {}, cache_bytes, 0
 
     def __call__(self, records):
+        keys = [self.key(r) for r in records]
+        todo = [i for i, key in enumerate(keys) if key is None or key not in self.cache]
+        fresh = dict(zip(todo, self.prepare([records[i] for i in todo]))) if todo else {}
+        for i, row in fresh.items():
+            self.keep(keys[i], row)
+        out = self.pad([fresh[i] if i in fresh else self.cache[key] for i, key in enumerate(keys)])
+        # f(X_ins) given per record (smolora.with_instruction_embeddings)
+        if "ins_embedding" in records[0]:
+            out["ins_embedding"] = torch.stack([r["ins_embedding"] for r in records])
+        return out
+
+    def key(self, record):
+        """What a record's tensors are made of (not the id alone: the caption corpus repeats ids,
+        diverse instructions change a test record's text); None for an image in memory."""
+        if isinstance(record["image"], Image.Image):
+            return None
+        return (record["id"], record["image"], record["text"], record["instruction"],
+                record["answer"] if self.train else None)
+
+    def keep(self, key, row):
+        size = sum(tensor.nbytes for tensor in row.values())
+        if key is None or key in self.cache or self.cached_bytes + size > self.cache_bytes:
+            return
+        self.cache[key] = row
+        self.cached_bytes += size
+
+    def prepare(self, records):
+        """Each record's tensors without padding: the processor's, run on these records at once."""
         tokenizer = self.processor.tokenizer
         prompts = [prompt_text(self.processor, r["text"]) for r in records]
         texts = prompts
@@ -877,15 +920,11 @@ class Collator:
             texts = [p + " " + r["answer"] + tokenizer.eos_token for p, r in zip(prompts, records)]
         images = [expand_to_square(load_image(r), self.processor) for r in records]
         batch = self.processor(
-            images=images, text=texts, padding=True, return_tensors="pt",
-            padding_side="right" if self.train else "left", return_offsets_mapping=True,
-            return_text_replacement_offsets=True,
+            images=images, text=texts, padding=True, return_tensors="pt", padding_side="right",
+            return_offsets_mapping=True, return_text_replacement_offsets=True,
             truncation=self.train and self.max_length is not None,
             max_length=self.max_length if self.train else None)
         ids = batch["input_ids"]
-        if self.max_length is not None and not self.train and ids.shape[1] > self.max_length:
-            raise ValueError(f"a prompt of {ids.shape[1]} tokens is longer than "
-                             f"max_length={self.max_length}")
         start, end = batch["offset_mapping"].unbind(-1)  # (B, L) spans in the expanded text
         real = batch["attention_mask"].bool() & (end > start)  # not padding, not BOS
         ins_mask = torch.zeros_like(real)
@@ -901,13 +940,36 @@ class Collator:
                 ins_mask[b] = real[b] & (start[b] < ins_end) & (end[b] > ins_start)
             answer = real[b] & (start[b] >= len(prompt) + shift)
             labels[b] = torch.where(answer, ids[b], labels[b])
-        out = {"input_ids": ids, "attention_mask": batch["attention_mask"],
-               "pixel_values": batch["pixel_values"], "ins_mask": ins_mask}
-        if self.train:
-            out["labels"] = labels
-        # f(X_ins) given per record (smolora.with_instruction_embeddings)
-        if "ins_embedding" in records[0]:
-            out["ins_embedding"] = torch.stack([r["ins_embedding"] for r in records])
+        rows = []
+        for b, mask in enumerate(batch["attention_mask"].bool()):
+            # indexing by the mask copies; pixels are cloned: a row must not hold the whole batch
+            row = {"input_ids": ids[b][mask], "attention_mask": batch["attention_mask"][b][mask],
+                   "pixel_values": batch["pixel_values"][b].clone(), "ins_mask": ins_mask[b][mask]}
+            if self.train:
+                row["labels"] = labels[b][mask]
+            rows.append(row)
+        return rows
+
+    def pad(self, rows):
+        """The rows as one batch, padded to the longest as the processor pads (right in training,
+        left for generate): the pad id, attention 0, no instruction, no label. The tensors are
+        new: a caller may change a batch in place, never the kept rows."""
+        lengths = [len(row["input_ids"]) for row in rows]
+        length = max(lengths)
+        if self.max_length is not None and not self.train and length > self.max_length:
+            raise ValueError(f"a prompt of {length} tokens is longer than "
+                             f"max_length={self.max_length}")
+        spans = [slice(0, n) if self.train else slice(length - n, length) for n in lengths]
+        fills = {"input_ids": self.processor.tokenizer.pad_token_id, "attention_mask": 0,
+                 "ins_mask": False, "labels": -100}
+        out = {}
+        for name in rows[0]:
+            if name == "pixel_values":
+                out[name] = torch.stack([row[name] for row in rows])
+                continue
+            out[name] = torch.full((len(rows), length), fills[name], dtype=rows[0][name].dtype)
+            for b, (row, span) in enumerate(zip(rows, spans)):
+                out[name][b, span] = row[name]
         return out
 
 
