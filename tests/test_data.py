@@ -364,6 +364,81 @@ def test_max_length_cuts_training_and_refuses_a_long_prompt(processor, synthetic
         data.Collator(processor, train=False, max_length=40)(records)
 
 
+def processor_batch(processor, records, train, max_length):
+    """What the collator gave before it kept records: the processor run on the whole batch, padded
+    by it; the masks found on the padded batch."""
+    tokenizer = processor.tokenizer
+    prompts = [data.prompt_text(processor, r["text"]) for r in records]
+    texts = [p + " " + r["answer"] + tokenizer.eos_token for p, r in zip(prompts, records)] \
+        if train else prompts
+    images = [data.expand_to_square(data.load_image(r), processor) for r in records]
+    batch = processor(images=images, text=texts, padding=True, return_tensors="pt",
+                      padding_side="right" if train else "left", return_offsets_mapping=True,
+                      return_text_replacement_offsets=True,
+                      truncation=train and max_length is not None,
+                      max_length=max_length if train else None)
+    ids = batch["input_ids"]
+    if max_length is not None and not train and ids.shape[1] > max_length:
+        raise ValueError(f"a prompt of {ids.shape[1]} tokens is longer than "
+                         f"max_length={max_length}")
+    start, end = batch["offset_mapping"].unbind(-1)
+    real = batch["attention_mask"].bool() & (end > start)
+    ins_mask, labels = torch.zeros_like(real), torch.full_like(ids, -100)
+    for b, (prompt, record) in enumerate(zip(prompts, records)):
+        shift = sum(r["new_span"][1] - r["new_span"][0] - (r["span"][1] - r["span"][0])
+                    for r in batch["text_replacement_offsets"][b])
+        if record["instruction"]:
+            ins_start = (prompt.index(record["text"]) + shift
+                         + record["text"].rfind(record["instruction"]))
+            ins_end = ins_start + len(record["instruction"])
+            ins_mask[b] = real[b] & (start[b] < ins_end) & (end[b] > ins_start)
+        labels[b] = torch.where(real[b] & (start[b] >= len(prompt) + shift), ids[b], labels[b])
+    out = {"input_ids": ids, "attention_mask": batch["attention_mask"],
+           "pixel_values": batch["pixel_values"], "ins_mask": ins_mask}
+    if train:
+        out["labels"] = labels
+    if "ins_embedding" in records[0]:
+        out["ins_embedding"] = torch.stack([r["ins_embedding"] for r in records])
+    return out
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("max_length", [None, 50])
+@pytest.mark.parametrize("cache_bytes", [data.CACHE_BYTES, 0, 200_000])  # all, none, a few kept
+@pytest.mark.parametrize("embedded", [False, True])
+def test_kept_records_collate_to_the_processors_bits(processor, synthetic, train, max_length,
+                                                     cache_bytes, embedded):
+    """Whatever the batch and whatever is kept: the processor's own batched output, bit for bit.
+    The records: every task's, of 39 to 65 tokens (some cut at 50 in training, some refused at
+    test), the same ids with paraphrased instructions, and a caption with its image in memory."""
+    split = "train" if train else "test"
+    records = [r for t in ALL for r in data.load_records(synthetic, t, split)]
+    records += data.load_records(synthetic, "scienceqa", split, instructions="diverse")
+    records += data.caption_corpus(1, seed=0)
+    if embedded:
+        records = [{**r, "ins_embedding": torch.randn(8)} for r in records]
+    rng, collate = random.Random(0), data.Collator(processor, train, max_length, cache_bytes)
+    compared = 0
+    for _ in range(20):
+        batch = rng.choices(records, k=rng.randint(1, 6))    # repeats: kept ones come back
+        try:
+            expected = processor_batch(processor, batch, train, max_length)
+        except ValueError as error:                          # a prompt over max_length
+            with pytest.raises(ValueError, match=re.escape(str(error))):
+                collate(batch)
+            continue
+        got = collate(batch)
+        assert list(got) == list(expected)
+        for name in expected:
+            assert got[name].dtype == expected[name].dtype and torch.equal(got[name],
+                                                                           expected[name]), name
+        for tensor in got.values():    # a caller changing a batch in place changes nothing kept
+            tensor.zero_()
+        compared += 1
+    assert compared > 0 and collate.cached_bytes <= cache_bytes
+    assert len(collate.cache) == 0 if cache_bytes == 0 else len(collate.cache) > 0
+
+
 # ---------------------------------------------------------------- real CoIN layout
 
 def write(path, content):
