@@ -874,11 +874,12 @@ class Collator:
 
     A record is prepared once per Collator (its image decoded, its prompt rendered, the processor
     run, its masks found) into unpadded tensors that the Collator keeps: a stage makes one Collator
-    and collates the same records every epoch, and preparing them each time was a third of the tiny
-    model's training time. A batch pads the kept tensors as the processor pads, so its bits are the
-    processor's whatever the batch. Records are kept by what their tensors are made of (id, image
-    path, text, instruction, and the answer in training), up to cache_bytes in all, first come
-    first kept; images in memory (the caption corpus: fresh scenes every batch) are never kept."""
+    and collates the same records every epoch (measured on a tiny-model stage, 8 epochs of 1000
+    records: 4.4 s of collation when every batch was prepared, 0.8 s so). A batch pads the kept
+    tensors as the processor pads, so its bits are the processor's whatever the batch. Records are
+    kept by what their tensors are made of (id, image path, text, instruction, and the answer in
+    training), up to cache_bytes in all, first come first kept; images in memory (the caption
+    corpus: fresh scenes every batch) are never kept."""
 
     def __init__(self, processor, train, max_length=None, cache_bytes=CACHE_BYTES):
         self.processor, self.train, self.max_length = processor, train, max_length
