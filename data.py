@@ -906,6 +906,8 @@ class Collator:
                 record["answer"] if self.train else None)
 
     def keep(self, key, row):
+        # once full, nothing is evicted: epochs go round all the records, so an LRU would always
+        # miss, while the first ones kept are hit every epoch
         size = sum(tensor.nbytes for tensor in row.values())
         if key is None or key in self.cache or self.cached_bytes + size > self.cache_bytes:
             return
