@@ -1,4 +1,4 @@
-"""Time an optimizer step of the tiny model on one process and under torchrun, at the same global batch.
+"""Time a tiny-model optimizer step on one process and under torchrun, at the same global batch.
 
     python tests/bench_torchrun.py [--ranks 2] [--steps 16]
 

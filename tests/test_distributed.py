@@ -61,29 +61,31 @@ def micro(tmp_path_factory):
     torch.manual_seed(0)
     processor = data.build_processor()
     smolora.save_checkpoint(smolora.build_tiny_model(processor), processor, root / "model")
-    data.make_synthetic(root / "data", TASKS.split(","), n_train=8, n_test=6, seed=0, progress=False)
+    data.make_synthetic(root / "data", TASKS.split(","), n_train=8, n_test=6, seed=0,
+                        progress=False)
     (root / "driver.py").write_text(DRIVER)
     return root
 
 
 def run_args(micro, out, method, *extra):
-    return ["--tasks", TASKS, "--method", method, "--model", str(micro / "model"), "--data",
-            str(micro / "data"), "--out", str(out), "--epochs", "2", "--batch-size", "2", "--r", "8",
-            "--alpha", "16", "--experts", "4", "--dropout", "0", "--cache", str(micro / "cache"),
-            *(extra or ["--grad-accum", "1"])]
+    return ["--tasks", TASKS, "--method", method, "--model", str(micro / "model"),
+            "--data", str(micro / "data"), "--out", str(out), "--epochs", "2", "--batch-size", "2",
+            "--r", "8", "--alpha", "16", "--experts", "4", "--dropout", "0",
+            "--cache", str(micro / "cache"), *(extra or ["--grad-accum", "1"])]
 
 
 def torchrun(micro, args, **env):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               "2", str(micro / "driver.py"), "--", *args]   # --: torchrun would read --r as its own
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env})
+               "2", str(micro / "driver.py"), "--", *args]   # --: or torchrun reads --r as its own
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
 def outputs(out):
     """The run's matrices, every prediction, and the adapters of each stage."""
     results = json.loads((out / "results.json").read_text())
-    predictions = {p.relative_to(out): p.read_text() for p in (out / "predictions").rglob("*.jsonl")}
+    predictions = {p.relative_to(out): p.read_text()
+                   for p in (out / "predictions").rglob("*.jsonl")}
     adapters = [smolora.safetensors.torch.load_file(out / "adapters" / f"stage{t}.safetensors")
                 for t in (1, 2)]
     return (results["matrix"], results["mif"]), predictions, adapters
