@@ -125,10 +125,22 @@ def run_once(flags, out, saved, trained=None):
     saved.parent.mkdir(parents=True, exist_ok=True)
     if (out / "routing.md").exists():
         eval.write_atomic(saved.with_name(saved.stem + "-routing.md"), (out / "routing.md").read_text())
-    text = (out / "results.json").read_text()
-    eval.write_atomic(saved, text)
-    results = json.loads(text)
+    results = portable(json.loads((out / "results.json").read_text()))
+    eval.write_atomic(saved, json.dumps(results, indent=2) + "\n")
     print(f"benchmark: {saved.relative_to(ROOT)} in {results['seconds']:.0f} s", flush=True)
+    return results
+
+
+def portable(results):
+    """The results with the paths of the machine they ran on made machine-free: the run folder from
+    runs/ on, the cache and what is in it under $SMOLORA_CACHE."""
+    cache = str(smolora.CACHE)
+    for key in ("out", "cache", "data"):
+        path = results["config"].get(key) or ""
+        if path == cache or path.startswith(cache + "/"):
+            results["config"][key] = "$SMOLORA_CACHE" + path[len(cache):]
+        elif "/runs/" in path:
+            results["config"][key] = path[path.index("/runs/") + 1:]
     return results
 
 

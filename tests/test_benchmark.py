@@ -1,6 +1,7 @@
 """The results tables are what docs/results/ holds: the README's headline table and docs/results/README.md, remade
 from those files, must match to the digit."""
 import json
+import re
 
 import pytest
 
@@ -74,3 +75,14 @@ def test_blocks_and_slots_are_replaced_and_the_rest_kept(monkeypatch):
     assert benchmark.results_page({"a": "| x |", "b-c": "3.7 hours"}) == "# t\n\n| x |\n\ntext 3.7 hours.\n"
     with pytest.raises(KeyError):
         benchmark.results_page({"a": ""})
+
+
+def test_committed_results_hold_no_path_of_the_machine_they_ran_on():
+    absolute = re.compile(r'": "(/|[A-Za-z]:\\\\)')          # a JSON value "/..." or "C:\\..."
+    assert [p.name for p in benchmark.RESULTS.rglob("*.json") if absolute.search(p.read_text())] == []
+    cache = str(benchmark.smolora.CACHE)
+    ran = {"config": {"out": "/home/someone/smolora/runs/benchmark/coin/lora/seed0", "cache": cache,
+                      "data": cache + "/benchmark-validation", "model": None}}
+    assert benchmark.portable(ran)["config"] == {
+        "out": "runs/benchmark/coin/lora/seed0", "cache": "$SMOLORA_CACHE",
+        "data": "$SMOLORA_CACHE/benchmark-validation", "model": None}
