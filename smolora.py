@@ -990,6 +990,7 @@ def save_results(ctx, title):
 def open_run(cfg, progress=True):
     """The run's context: its folder, the model, each task's records with the f(X_ins) they route
     on, and the results to fill in."""
+    start_ranks(cfg)                          # under torchrun; else nothing
     started, progress = time.time(), progress and is_main()
     encoder = load_encoder(cfg.ins_encoder) if cfg.ins_encoder else None
     out = prepare_out(cfg)
@@ -1443,7 +1444,6 @@ def main(argv=None):
     say = print if os.environ.get("RANK", "0") == "0" else lambda *_, **__: None  # rank 0 alone
     try:
         configs = parse_configs(argv)    # all checked before any runs
-        start_ranks(configs[0])
         runs = []
         for cfg in configs:
             say("configuration: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
