@@ -1290,7 +1290,7 @@ def start_ranks(cfg):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    # SMoLoRA's (1, out) fusion vectors get strided gradients, which DDP copies: a warning, not a bug
+    # SMoLoRA's (1, out) fusion vectors get strided gradients that DDP copies: harmless, but warned
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 
