@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
 import smolora
+from conftest import make_micro
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = "scienceqa,grounding"
@@ -57,12 +57,7 @@ DRIVER = textwrap.dedent('''
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
     """An untrained tiny LLaVA checkpoint, a synthetic data root of two tasks, and the driver."""
-    root = tmp_path_factory.mktemp("micro")
-    torch.manual_seed(0)
-    processor = data.build_processor()
-    smolora.save_checkpoint(smolora.build_tiny_model(processor), processor, root / "model")
-    data.make_synthetic(root / "data", TASKS.split(","), n_train=8, n_test=6, seed=0,
-                        progress=False)
+    root = make_micro(tmp_path_factory.mktemp("micro"), TASKS.split(","), n_train=8, n_test=6)
     (root / "driver.py").write_text(DRIVER)
     return root
 

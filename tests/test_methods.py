@@ -9,6 +9,7 @@ from PIL import Image
 import data
 import eval
 import smolora
+from conftest import make_micro
 from test_run import interrupt
 
 TASKS = ["scienceqa", "grounding"]
@@ -18,11 +19,7 @@ TASKS = ["scienceqa", "grounding"]
 def micro(tmp_path_factory):
     """An untrained tiny LLaVA checkpoint, a synthetic data root of three tasks, and one comparison of every
     method on two of them (the third unseen), evaluated with the paraphrased instructions."""
-    root = tmp_path_factory.mktemp("micro")
-    torch.manual_seed(0)
-    processor = data.build_processor()
-    smolora.save_checkpoint(smolora.build_tiny_model(processor), processor, root / "model")
-    data.make_synthetic(root / "data", TASKS + ["gqa"], n_train=8, n_test=4, seed=0, progress=False)
+    root = make_micro(tmp_path_factory.mktemp("micro"), TASKS + ["gqa"], n_train=8, n_test=4)
     smolora.main(run_args(root, root / "compare", "all"))
     return root
 

@@ -11,6 +11,7 @@ from transformers import LlavaForConditionalGeneration
 
 import data
 import smolora
+from conftest import make_micro
 
 TASKS = "scienceqa,grounding"
 
@@ -18,12 +19,7 @@ TASKS = "scienceqa,grounding"
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
     """An untrained tiny LLaVA checkpoint and a synthetic data root of two tasks."""
-    root = tmp_path_factory.mktemp("micro")
-    torch.manual_seed(0)
-    processor = data.build_processor()
-    smolora.save_checkpoint(smolora.build_tiny_model(processor), processor, root / "model")
-    data.make_synthetic(root / "data", TASKS.split(","), n_train=8, n_test=4, seed=0, progress=False)
-    return root
+    return make_micro(tmp_path_factory.mktemp("micro"), TASKS.split(","), n_train=8, n_test=4)
 
 
 def run_args(micro, out, method="smolora", *extra):

@@ -9,6 +9,7 @@ from transformers import BertConfig, BertModel, BertTokenizer
 
 import data
 import smolora
+from conftest import make_micro
 from test_adapters import HPARAMS, logits, randomize_B, tiny_batch, tiny_llava
 from test_run import exits_interrupted, exits_with_2, interrupt
 
@@ -18,11 +19,8 @@ TASKS = "scienceqa,grounding"
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
     """An untrained tiny LLaVA checkpoint, synthetic data of two tasks and Places365, and a tiny random BERT."""
-    root = tmp_path_factory.mktemp("variants")
-    torch.manual_seed(0)
-    processor = data.build_processor()
-    smolora.save_checkpoint(smolora.build_tiny_model(processor), processor, root / "model")
-    data.make_synthetic(root / "data", TASKS.split(",") + ["places365"], n_train=24, n_test=4, seed=0, progress=False)
+    root = make_micro(tmp_path_factory.mktemp("variants"), TASKS.split(",") + ["places365"], n_train=24,
+                      n_test=4)
     words = sorted({w for t in data.TASKS.values() for s in (t.instruction, t.question, *t.paraphrases)
                     for w in s.lower().replace(".", " ").replace("?", " ").split()})
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)}
