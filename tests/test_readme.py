@@ -130,6 +130,8 @@ def test_every_code_name_anywhere_in_the_readme_exists():
     names = [r for r in REFERENCE.findall(README) if not (ROOT / r).exists()]   # `smolora.py` is a file
     assert len(names) >= 20
     assert missing(names) == []
+    gpu = (ROOT / "docs" / "real-checkpoint.md").read_text()                 # the page it links to
+    assert "(docs/real-checkpoint.md)" in README and missing(REFERENCE.findall(gpu)) == []
 
 
 def test_the_readme_reads_in_one_sitting():
