@@ -3,10 +3,10 @@ the collator.
 
 Read top to bottom: the task table (CoIN's and SMoLoRA's tasks, with LLaVA-1.5's instructions); the
 synthetic scenes, drawn with PIL, and one generator per task whose answer is read off the scene it
-drew; writing a task to disk in the CoIN format (LLaVA's conversations for training, question and
-answer records for testing) and the captioning corpus for pretraining; the loader, which reads that
-format whether the data is synthetic or real; the tiny model's tokenizer and processor; the
-collator from records to model inputs.
+drew; the split, which keeps every test scene out of training; writing a task to disk in the CoIN
+format (LLaVA's conversations for training, question and answer records for testing); the tiny
+base's pretraining corpora; the loader, which reads that format whether the data is synthetic or
+real; the tiny model's tokenizer and processor; the collator from records to model inputs.
 """
 import functools
 import json
@@ -136,6 +136,7 @@ COLORS = {"red": (220, 30, 30), "green": (20, 150, 40), "blue": (30, 70, 230),
 SHAPES = ("circle", "square", "triangle", "star")
 SQA_COLORS = ("red", "green", "blue", "yellow")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars"}
+NUMBERS = ("zero", "one", "two", "three", "four", "five")   # a count as the base's sentences say it
 OBJECTS = ("house", "tree", "car", "fish", "flower", "boat")
 PATTERNS = ("stripes", "dots", "grid", "checkers", "waves")
 # the relation of the first thing to the second (the answer) -> its phrase in questions, in captions
@@ -162,7 +163,7 @@ PHRASES = {
     "which_color": "What color is the shape {relation} the {color2} {shape2}?",
     "what_color": "What color is this?", "what_shape": "What shape is this?",
     "what_object": "What is this?",
-    "refer": "the {color} {shape}.",
+    "refer": "the {color} {shape}.", "where": "Where is the {color} {shape}?",
     "count": "How many {shapes} are there?", "color_of": "What color is the {shape}?",
     "is_there": "Is there a {shape}?", "yes_no": "yes no", "unanswerable": "unanswerable",
     "title": "What is the title of this book?", "author": "Who wrote this book?",
@@ -191,9 +192,14 @@ class Sample:
     there is one."""
     image: Image.Image
     question: str           # the text before the instruction (grounding: the referring expression)
-    answer: str             # what the model must write
+    answer: str             # what the model must write, in the task's format
     items: list
-    description: str        # a plain description of the scene, for the captioning corpus
+    description: str        # a plain description of the scene: the base's captions
+    key: str                # the combination the test holds out (held_out): what makes the scene
+    plain: str = ""         # the question as anyone asks it: no options, no format (the base's)
+    sentence: str = ""      # the answer as a chat model says it, in a sentence (the base's)
+    brief: str = ""         # the answer's content alone, in a word or a few (the base's)
+    choices: tuple = ()     # the answers it is chosen from, where a few (asked so in the base's)
     variants: tuple = ()    # other answers a few of the 10 human annotators give (vqav2, textvqa)
 
 
@@ -366,6 +372,11 @@ def format_box(box):
     return "[" + ", ".join(f"{v:.2f}" for v in box) + "]"
 
 
+def together(items):
+    """The things a scene shows together, whatever their places: a combination to hold out."""
+    return "/".join(sorted(f"{i.color} {i.name}" for i in items))
+
+
 def human_answers(rng, answer, variants):
     """10 answers as 10 VQA annotators give them: mostly the true one, up to 3 of them something
     else."""
@@ -386,12 +397,18 @@ def gen_scienceqa(rng):
     per question: the tiny model reached 68% after 250 steps; it has to match the image against the
     options' words.)"""
     item = Item(rng.choice(SHAPES), rng.choice(SQA_COLORS), big_box(rng))
-    question, truth, options = ((PHRASES["sqa_shape"], item.name, SHAPES) if rng.random() < 0.5
-                                else (PHRASES["sqa_color"], item.color, SQA_COLORS))
-    lines = [question, PHRASES["options"]]
+    if rng.random() < 0.5:
+        plain, truth, options = PHRASES["sqa_shape"], item.name, SHAPES
+        sentence = f"The shape is a {item.name}."
+    else:
+        plain, truth, options = PHRASES["sqa_color"], item.color, SQA_COLORS
+        sentence = f"The shape is {item.color}."
+    lines = [plain, PHRASES["options"]]
     lines += [f"{letter}. {option}" for letter, option in zip("ABCD", options)]
     answer = "ABCD"[options.index(truth)]
-    return Sample(scene([item]), "\n".join(lines), answer, [item], describe([item]))
+    return Sample(scene([item]), "\n".join(lines), answer, [item], describe([item]),
+                  key=f"{item.name}/{item.color}", plain=plain, sentence=sentence, brief=truth,
+                  choices=options)
 
 
 def sign(rng):
@@ -411,14 +428,18 @@ def sign(rng):
 
 def gen_textvqa(rng):
     image, items, description = sign(rng)
-    word = items[0].text
-    return Sample(image, rng.choice(PHRASES["read"]), word, items, description,
+    word, question = items[0].text, rng.choice(PHRASES["read"])
+    return Sample(image, question, word, items, description, key=f"{word}/{items[1].color}",
+                  plain=question, sentence=f"The sign says {word}.", brief=word,
                   variants=(word.lower(), word[:2], rng.choice(WORDS)))
 
 
 def gen_imagenet(rng):
     item = Item(rng.choice(OBJECTS), rng.choice(list(COLORS)), big_box(rng))
-    return Sample(scene([item]), TASKS["imagenet"].question, item.name, [item], describe([item]))
+    question = TASKS["imagenet"].question
+    return Sample(scene([item]), question, item.name, [item], describe([item]),
+                  key=f"{item.name}/{item.color}", plain=question,
+                  sentence=f"It is a {item.color} {item.name}.", brief=item.name, choices=OBJECTS)
 
 
 def gen_gqa(rng):
@@ -429,12 +450,19 @@ def gen_gqa(rng):
     names = dict(color=first.color, shape=first.name, color2=second.color, shape2=second.name,
                  relation=RELATIONS[relation][0])
     kind = rng.choice(("relation", "which_shape", "which_color"))
+    key = together(items)
     if kind == "relation":
         template = "left_right" if relation in ("left", "right") else "above_below"
-        question = PHRASES[template].format(**names)
-        return Sample(scene(items), question, relation, items, describe(items))
-    answer = first.name if kind == "which_shape" else first.color
-    return Sample(scene(items), PHRASES[kind].format(**names), answer, items, describe(items))
+        question, answer = PHRASES[template].format(**names), relation
+        sentence = (f"The {first.color} {first.name} is {RELATIONS[relation][1]} the "
+                    f"{second.color} {second.name}.")
+    else:
+        question = PHRASES[kind].format(**names)
+        answer = first.name if kind == "which_shape" else first.color
+        sentence = f"It is a {answer}." if kind == "which_shape" else f"It is {answer}."
+    choices = {"relation": (), "which_shape": SHAPES, "which_color": tuple(COLORS)}[kind]
+    return Sample(scene(items), question, answer, items, describe(items), key=key, plain=question,
+                  sentence=sentence, brief=answer, choices=choices)
 
 
 def gen_vizwiz(rng):
@@ -445,14 +473,20 @@ def gen_vizwiz(rng):
                 big_box(rng))
     image, description = scene([item]), describe([item])
     answer = item.name if kind != "what_color" else item.color
+    sentence = f"It is {answer}." if kind == "what_color" else f"It is a {answer}."
+    key = f"{item.name}/{item.color}"
     if rng.random() < 0.3:
         corruption = rng.choice(("noise", "dark"))
         if corruption == "noise":
             image = Image.frombytes("RGB", image.size, rng.randbytes(3 * IMAGE_SIZE * IMAGE_SIZE))
+            sentence = "The image is only noise, it is unanswerable."
         else:
             image = image.point(lambda v: v // 12)
+            sentence = "The image is too dark, it is unanswerable."
         answer, description = PHRASES["unanswerable"], PHRASES[corruption]
-    return Sample(image, PHRASES[kind], answer, [item], description)
+        key += "/" + corruption
+    return Sample(image, PHRASES[kind], answer, [item], description, key=key, plain=PHRASES[kind],
+                  sentence=sentence, brief=answer)
 
 
 def gen_grounding(rng):
@@ -464,19 +498,25 @@ def gen_grounding(rng):
         if other not in kinds:
             kinds.append(other)
     items = [Item(s, c, box) for (c, s), box in zip(kinds, place(rng, [2] * len(kinds)))]
-    return Sample(scene(items), PHRASES["refer"].format(color=color, shape=shape),
-                  format_box(normalized_box(items[0].box)), items, describe(items))
+    box = format_box(normalized_box(items[0].box))
+    return Sample(scene(items), PHRASES["refer"].format(color=color, shape=shape), box, items,
+                  describe(items), key=together(items),
+                  plain=PHRASES["where"].format(color=color, shape=shape),
+                  sentence=f"The {color} {shape} is at {box}.", brief=box)
 
 
 def gen_vqav2(rng):
-    """Small shapes; count one kind, name a shape's colour, or say whether a shape is there."""
+    """Small shapes; count one kind, name a shape's colour, or say whether a shape is there. A count
+    is written as a digit; some annotators, and the base's sentences, write it as a word."""
     kind = rng.choice(("count", "color_of", "is_there"))
     shape = rng.choice(SHAPES)
     others = [s for s in SHAPES if s != shape]
     if kind == "count":
         n = rng.randint(1, 4)
         names = [shape] * n + [rng.choice(others) for _ in range(rng.randint(0, 2))]
-        answer, variants = str(n), (str(n - 1), str(n + 1))
+        answer, variants = str(n), (str(n - 1), str(n + 1), NUMBERS[n])
+        sentence = (f"There is {NUMBERS[n]} {shape}." if n == 1
+                    else f"There are {NUMBERS[n]} {PLURALS[shape]}.")
     elif kind == "color_of":
         names = [shape] + [rng.choice(others) for _ in range(rng.randint(1, 3))]
     else:
@@ -484,12 +524,17 @@ def gen_vqav2(rng):
         names = [shape] if present else []
         names += [rng.choice(others) for _ in range(rng.randint(1, 3))]
         answer, variants = ("yes", ("no",)) if present else ("no", ("yes",))
+        sentence = f"Yes, there is a {shape}." if present else f"No, there is no {shape}."
     boxes = place(rng, [1] * len(names))
     items = [Item(name, rng.choice(list(COLORS)), box) for name, box in zip(names, boxes)]
     if kind == "color_of":
         answer, variants = items[0].color, tuple(c for c in COLORS if c != items[0].color)
+        sentence = f"The {shape} is {answer}."
     question = PHRASES[kind].format(shape=shape, shapes=PLURALS[shape])
-    return Sample(scene(items), question, answer, items, describe(items), variants)
+    brief = NUMBERS[int(answer)] if kind == "count" and rng.random() < 0.5 else answer
+    return Sample(scene(items), question, answer, items, describe(items),
+                  key=describe(items), plain=question, sentence=sentence,
+                  brief=brief, variants=variants)
 
 
 def gen_ocrvqa(rng):
@@ -506,10 +551,13 @@ def gen_ocrvqa(rng):
     items = [Item("word", color, title_box, title), Item("word", color, author_box, author)]
     if rng.random() < 0.5:
         items.reverse()
-    question = PHRASES["title"] if items[0].text == title else PHRASES["author"]
+    asked = items[0].text
+    question = PHRASES["title"] if asked == title else PHRASES["author"]
+    sentence = f"The title is {asked}." if asked == title else f"It was written by {asked}."
     items.append(Item("book", color, (0, 0, IMAGE_SIZE, IMAGE_SIZE)))
-    return Sample(image, question, items[0].text, items,
-                  PHRASES["book"].format(color=color, word=title, name=author))
+    return Sample(image, question, asked, items,
+                  PHRASES["book"].format(color=color, word=title, name=author),
+                  key=f"{title}/{author}", plain=question, sentence=sentence, brief=asked)
 
 
 def gen_flickr30k(rng):
@@ -518,7 +566,11 @@ def gen_flickr30k(rng):
     caption = PHRASES["flickr30k"].format(color=first.color, object=first.name,
                                           relation=RELATIONS[relation][1], color2=second.color,
                                           object2=second.name)
-    return Sample(scene(items), TASKS["flickr30k"].question, caption, items, describe(items))
+    question = TASKS["flickr30k"].question
+    said = (f"There is a {first.color} {first.name} {RELATIONS[relation][1]} a {second.color} "
+            f"{second.name}.")      # the base's own words, not the task's caption
+    return Sample(scene(items), question, caption, items, describe(items), key=together(items),
+                  plain=question, sentence=said, brief=said)
 
 
 def gen_places365(rng):
@@ -531,14 +583,21 @@ def gen_places365(rng):
     draw.rectangle((item.box[0], item.box[1], item.box[2] - 1, item.box[3] - 1), fill=BACKGROUND)
     draw_item(draw, item)
     background = Item(pattern, fore, (0, 0, IMAGE_SIZE, IMAGE_SIZE))
-    return Sample(image, TASKS["places365"].question, pattern, [background, item],
-                  PHRASES["pattern"].format(pattern=pattern, item=describe([item])))
+    question = TASKS["places365"].question
+    return Sample(image, question, pattern, [background, item],
+                  PHRASES["pattern"].format(pattern=pattern, item=describe([item])),
+                  key=f"{pattern}/{back}/{fore}", plain=question,
+                  sentence=f"The background is {pattern}.", brief=pattern, choices=PATTERNS)
 
 
 def gen_textcaps(rng):
     image, items, description = sign(rng)
     caption = PHRASES["textcaps"].format(color=items[1].color, word=items[0].text)
-    return Sample(image, TASKS["textcaps"].question, caption, items, description)
+    question = TASKS["textcaps"].question
+    said = f"There is a {items[1].color} sign, it says {items[0].text}."   # the base's own words
+    return Sample(image, question, caption, items, description,
+                  key=f"{items[0].text}/{items[1].color}", plain=question, sentence=said,
+                  brief=said)
 
 
 GENERATORS = {"scienceqa": gen_scienceqa, "textvqa": gen_textvqa, "imagenet": gen_imagenet,
@@ -548,9 +607,30 @@ GENERATORS = {"scienceqa": gen_scienceqa, "textvqa": gen_textvqa, "imagenet": ge
 
 
 # ----------------------------------------------------------------------------------------------
-# Writing a task to disk in the CoIN format, and the captioning corpus.
+# Train and test are disjoint, as CoIN's images are: each scene has a combination (Sample.key: the
+# things drawn, the word written, the layout) and one combination in HOLD_OUT occurs only in test.
 
-SYNTHETIC_VERSION = 3  # bump when a generator changes, so data written by the old one is made again
+HOLD_OUT = 5
+
+
+def held_out(task, key):
+    return zlib.crc32(f"{task}/{key}".encode()) % HOLD_OUT == 0
+
+
+def draw(task, rng, split):
+    """A sample of `task` for `split`: test draws held-out combinations only, training (and the
+    base's corpora) the others only; so no test image, and no test question with its image, occurs
+    in training, and the test asks for the skill on combinations never trained."""
+    while True:
+        sample = GENERATORS[task](rng)
+        if held_out(task, sample.key) == (split == "test"):
+            return sample
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing a task to disk in the CoIN format.
+
+SYNTHETIC_VERSION = 4  # bump when a generator changes, so data written by the old one is made again
 
 
 def make_synthetic(root, tasks, n_train=1000, n_test=200, seed=0, progress=True):
@@ -598,7 +678,7 @@ def write_task(folder, name, counts, seed, bar):
         rng = random.Random(f"{seed}/{name}/{split}")
         records = []
         for i in range(n):
-            sample, image = GENERATORS[name](rng), f"images/{split}_{i:05d}.png"
+            sample, image = draw(name, rng, split), f"images/{split}_{i:05d}.png"
             sample.image.save(os.path.join(folder, image))
             record_id = f"{name}-{split}-{i:05d}"
             records.append(coin_record(TASKS[name], sample, record_id, f"{name}/{image}", split))
@@ -636,28 +716,67 @@ def coin_record(task, sample, record_id, image, split):
     return record
 
 
+# ----------------------------------------------------------------------------------------------
+# The base's corpora, made as the papers' base was: Vicuna (a language model that knows the world
+# and answers questions in free sentences), then LLaVA-1.5's stage 1 (the vision side aligned to it
+# on captions, the language model frozen). Neither holds a task's instruction or answer format:
+# those are what continual tuning teaches.
+
+# Generic requests a chat model follows. None is a task's instruction or one of its paraphrases
+# (which the "diverse" evaluation holds out).
+ASK_SENTENCE = ("Answer in a full sentence.", "Write your reply as a sentence.",
+                "Tell me in a sentence.")
+ASK_BRIEF = ("Answer briefly.", "Keep the answer short.", "Just give the answer.")
+ASK_DESCRIBE = ("Describe the picture.", "What do you see?", "What is shown here?")
+ASK_REPEAT = "Repeat these words:"
+# the words the base's sentences are made of (Sample.sentence), for the tokenizer
+SENTENCE_WORDS = ("The It There is are a at says title was written by image only noise too dark "
+                  "background Yes No no zero one two three four five")
 # The corpus's scenes, in turn: the skills hardest to see (reading, locating) come round more often.
 CORPUS_MIX = (*GENERATORS, "textvqa", "ocrvqa", "textcaps", "grounding", "gqa")
 
 
-def caption_corpus(n, seed):
-    """n collator records of scenes from the task generators, each answered with the scene's plain
-    description, never in a task's format: what the tiny base model is pretrained on before any
-    task. Half put the scene's question (no instruction) before the description, so the base
-    describes whatever text comes first: trained on captions after an empty prompt alone, its
-    reading broke when a question moved the answer further along."""
-    rng = random.Random(f"{seed}/corpus")
-    samples = [GENERATORS[CORPUS_MIX[i % len(CORPUS_MIX)]](rng) for i in range(n)]
-    return [{"id": f"caption-{i}", "image": s.image,
-             "text": s.question if rng.random() < 0.5 else "", "instruction": "",
-             "answer": s.description} for i, s in enumerate(samples)]
+def base_corpus(n, seed, stage):
+    """n collator records of fresh training scenes (never a held-out one) for the base's
+    pretraining. Stage 0, the language model alone: the scene written as text where its image will
+    stand, then a question as anyone asks it, answered in a sentence (asked so, or not asked, or
+    asked with the answers to choose from) or briefly (asked so), or a request to describe it,
+    answered by the description; and, so that every word of the vocabulary has been read, requests
+    to repeat a few of them. Stage 1, the vision side: the scene's image in place of its text, the
+    same questions and requests to describe it (or none, as LLaVA's captions); no repeating."""
+    rng = random.Random(f"{seed}/corpus/{stage}")
+    words = vocabulary_words()
+    records = []
+    for i in range(n):
+        sample = draw(CORPUS_MIX[i % len(CORPUS_MIX)], rng, "train")
+        roll = rng.random()
+        if roll < 0.1 and stage == 0:
+            answer = " ".join(rng.sample(words, rng.randint(3, 6))) + "."
+            text = f"{ASK_REPEAT} {answer[:-1]}"
+        elif roll < 0.35:
+            text = rng.choice(("", *ASK_DESCRIBE) if stage else ASK_DESCRIBE)
+            answer = sample.description
+        elif roll < 0.55:
+            text, answer = f"{sample.plain} {rng.choice(ASK_BRIEF)}", sample.brief
+        elif roll < 0.65:
+            text, answer = f"{sample.plain} {rng.choice(ASK_SENTENCE)}", sample.sentence
+        elif roll < 0.8 and sample.choices:
+            choices = rng.sample(sample.choices, len(sample.choices))
+            text = f"{sample.plain} Is it {', '.join(choices[:-1])} or {choices[-1]}?"
+            answer = sample.sentence
+        else:
+            text, answer = sample.plain, sample.sentence
+        if stage == 0 and not text.startswith(ASK_REPEAT):
+            text = f"{sample.description}\n{text}"
+        records.append({"id": f"base{stage}-{i}", "image": sample.image if stage else None,
+                        "text": text, "instruction": "", "answer": answer})
+    return records
 
 
-def caption_batches(batch_size, count, seed):
-    """`count` batches of fresh scenes, grouped by length and shuffled: captions run from 2 to 150
-    tokens, and a batch pads to its longest, so grouping halves the cost of a step."""
-    records = sorted(caption_corpus(batch_size * count, seed),
-                     key=lambda r: len(r["text"] + r["answer"]))
+def corpus_batches(records, batch_size, seed):
+    """The records in batches grouped by length, shuffled: a batch pads to its longest, and texts
+    run from 2 to 150 tokens, so grouping halves the cost of a step."""
+    records = sorted(records, key=lambda r: len(r["text"] + r["answer"]))
     batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
     random.Random(seed).shuffle(batches)
     return batches
@@ -773,7 +892,8 @@ CHAT_TEMPLATE = (
 
 def vocabulary_words():
     """Every word the model reads from the prompt or writes without seeing it drawn."""
-    texts = [LLAVA_PROMPT, *COLORS, *SHAPES, *PLURALS.values(), *OBJECTS, *PATTERNS]
+    texts = [LLAVA_PROMPT, *COLORS, *SHAPES, *PLURALS.values(), *OBJECTS, *PATTERNS, *NUMBERS]
+    texts += [*ASK_SENTENCE, *ASK_BRIEF, *ASK_DESCRIBE, ASK_REPEAT, SENTENCE_WORDS]
     texts += [phrase for relation in RELATIONS.items() for phrase in (relation[0], *relation[1])]
     texts += [p for v in PHRASES.values() for p in ((v,) if isinstance(v, str) else v)]
     texts += [t for task in TASKS.values()
@@ -815,13 +935,14 @@ def build_processor():
                           chat_template=CHAT_TEMPLATE)
 
 
-def prompt_text(processor, text):
+def prompt_text(processor, text, has_image=True):
     """The prompt up to and including the assistant's turn start, by the checkpoint's chat template
     when it has one (llava-1.5: "USER: <image>\\n{text} ASSISTANT:"), else in llava-1.5's
-    format."""
+    format. Without an image: "USER: {text} ASSISTANT:"."""
     if processor.chat_template is None:
-        return LLAVA_PROMPT.format(text=text)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return LLAVA_PROMPT.format(text=text) if has_image else f"USER: {text} ASSISTANT:"
+    image = [{"type": "image"}] if has_image else []
+    messages = [{"role": "user", "content": [*image, {"type": "text", "text": text}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
@@ -899,8 +1020,8 @@ class Collator:
 
     def key(self, record):
         """What a record's tensors are made of (not the id alone: the caption corpus repeats ids,
-        diverse instructions change a test record's text); None for an image in memory."""
-        if isinstance(record["image"], Image.Image):
+        diverse instructions change a test record's text); None for an image in memory or none."""
+        if not isinstance(record["image"], str):
             return None
         return (record["id"], record["image"], record["text"], record["instruction"],
                 record["answer"] if self.train else None)
@@ -917,11 +1038,13 @@ class Collator:
     def prepare(self, records):
         """Each record's tensors without padding: the processor's, run on these records at once."""
         tokenizer = self.processor.tokenizer
-        prompts = [prompt_text(self.processor, r["text"]) for r in records]
+        has_image = records[0]["image"] is not None     # none: the base's text-only stage 0
+        prompts = [prompt_text(self.processor, r["text"], has_image) for r in records]
         texts = prompts
         if self.train:
             texts = [p + " " + r["answer"] + tokenizer.eos_token for p, r in zip(prompts, records)]
-        images = [expand_to_square(load_image(r), self.processor) for r in records]
+        images = ([expand_to_square(load_image(r), self.processor) for r in records]
+                  if has_image else None)
         batch = self.processor(
             images=images, text=texts, padding=True, return_tensors="pt", padding_side="right",
             return_offsets_mapping=True, return_text_replacement_offsets=True,
@@ -946,8 +1069,10 @@ class Collator:
         rows = []
         for b, mask in enumerate(batch["attention_mask"].bool()):
             # indexing by the mask copies; pixels are cloned: a row must not hold the whole batch
-            row = {"input_ids": ids[b][mask], "attention_mask": batch["attention_mask"][b][mask],
-                   "pixel_values": batch["pixel_values"][b].clone(), "ins_mask": ins_mask[b][mask]}
+            row = {"input_ids": ids[b][mask], "attention_mask": batch["attention_mask"][b][mask]}
+            if has_image:
+                row["pixel_values"] = batch["pixel_values"][b].clone()
+            row["ins_mask"] = ins_mask[b][mask]
             if self.train:
                 row["labels"] = labels[b][mask]
             rows.append(row)

@@ -250,21 +250,49 @@ def test_other_answers_agree_with_their_scene():
         assert s.answer == f"A {s.items[1].color} sign that says {s.items[0].text}."
 
 
-def test_caption_corpus_is_deterministic_and_plain():
-    corpus = data.caption_corpus(30, seed=3)
-    again = data.caption_corpus(30, seed=3)
-    assert [(r["image"].tobytes(), r["text"], r["answer"]) for r in corpus] == \
-        [(r["image"].tobytes(), r["text"], r["answer"]) for r in again]
-    assert [r["answer"] for r in corpus] != [r["answer"] for r in data.caption_corpus(30, seed=4)]
-    questions = {t.question for t in data.TASKS.values()}
-    for r in corpus:
-        assert r["image"].size == (64, 64) and r["image"].mode == "RGB" and r["instruction"] == ""
-        assert not any(t.instruction in r["text"] + r["answer"] for t in data.TASKS.values())
-        assert not any(q and q in r["answer"] for q in questions)
-    # about half come after the scene's question
-    assert 5 <= sum(bool(r["text"]) for r in corpus) <= 25
-    assert (any(" sign " in r["answer"] for r in corpus)
-            and any(" book " in r["answer"] for r in corpus))
+def test_base_corpora_are_deterministic_and_hold_no_task_format():
+    """Stage 0 is text where the image will stand, stage 1 the image and its description; neither
+    holds a task's instruction, a paraphrase of one, an option list or a held-out scene."""
+    instructions = [i for t in data.TASKS.values() for i in (t.instruction, *t.paraphrases)]
+    for stage in (0, 1):
+        corpus = data.base_corpus(60, seed=3, stage=stage)
+        again = data.base_corpus(60, seed=3, stage=stage)
+        assert [(r["text"], r["answer"]) for r in corpus] == [(r["text"], r["answer"]) for r in again]
+        assert [r["answer"] for r in corpus] != \
+            [r["answer"] for r in data.base_corpus(60, seed=4, stage=stage)]
+        for r in corpus:
+            assert r["instruction"] == "" and (r["image"] is None) == (stage == 0)
+            assert not any(i in r["text"] + r["answer"] for i in instructions)
+            assert "Options:" not in r["text"]
+    text = data.base_corpus(200, seed=0, stage=0)
+    assert any(data.ASK_REPEAT in r["text"] for r in text)
+    assert any(r["answer"].startswith("There are ") for r in text)     # a question, in a sentence
+    assert any(any(a in r["text"] for a in data.ASK_BRIEF) for r in text)
+    images = data.base_corpus(60, seed=0, stage=1)
+    assert {r["image"].size for r in images} == {(64, 64)}
+    assert any(" sign " in r["answer"] for r in images) and any(" book " in r["answer"] for r in images)
+
+
+def test_test_scenes_never_occur_in_training_at_the_benchmark_sizes():
+    """As make_synthetic draws them, at the sizes runs use (smolora.SYNTHETIC): no test image, and no
+    test question with its image, occurs in the training records; the test's combinations are held
+    out; training still shows every colour, shape, object, word and pattern."""
+    import smolora
+    sizes = {"train": smolora.SYNTHETIC["n_train"], "test": smolora.SYNTHETIC["n_test"]}
+    for name in data.TASKS:
+        drawn = {}
+        for split, n in sizes.items():
+            rng = random.Random(f"0/{name}/{split}")
+            drawn[split] = [data.draw(name, rng, split) for _ in range(n)]
+        images = {split: {s.image.tobytes() for s in samples} for split, samples in drawn.items()}
+        keys = {split: {s.key for s in samples} for split, samples in drawn.items()}
+        assert not images["train"] & images["test"], name
+        assert not keys["train"] & keys["test"], name
+        assert all(data.held_out(name, key) for key in keys["test"]), name
+        assert len(keys["test"]) > 1, name
+        seen = {v for s in drawn["train"] for i in s.items for v in (i.name, i.color, i.text)}
+        assert {v for s in drawn["test"] for i in s.items
+                for v in (i.name, i.color, i.text)} <= seen, name
 
 
 # ---------------------------------------------------------------- tokenizer, processor
@@ -333,7 +361,7 @@ def test_train_labels_cover_exactly_the_answer_and_eos(processor, synthetic):
 
 
 def test_a_caption_in_memory_with_no_instruction_has_an_empty_instruction_mask(processor):
-    [record] = data.caption_corpus(1, seed=0)
+    [record] = data.base_corpus(1, seed=0, stage=1)
     record["text"], caption = "", record["answer"]
     batch = data.Collator(processor, train=True)([record])
     assert not batch["ins_mask"].any() and batch["pixel_values"].shape == (1, 3, 64, 64)
@@ -414,7 +442,7 @@ def test_kept_records_collate_to_the_processors_bits(processor, synthetic, train
     split = "train" if train else "test"
     records = [r for t in ALL for r in data.load_records(synthetic, t, split)]
     records += data.load_records(synthetic, "scienceqa", split, instructions="diverse")
-    records += data.caption_corpus(1, seed=0)
+    records += data.base_corpus(1, seed=0, stage=1)
     if embedded:
         records = [{**r, "ins_embedding": torch.randn(8)} for r in records]
     rng, collate = random.Random(0), data.Collator(processor, train, max_length, cache_bytes)

@@ -2,6 +2,7 @@
 split, the report's knowledge panel and GK, and the LLM judge (CoIN's prompt, our parser, a tiny
 random causal LM end to end)."""
 import json
+import random
 
 import pytest
 import torch
@@ -55,7 +56,25 @@ CASES = [
     # red, house, left: 3 of the 5 content words
     ("flickr30k", "A red house is to the left of a green tree.", CAPTION, "", 0.6, True),
     ("textcaps", "SUN", "A red sign that says SUN.", "", 1 / 3, False),  # of red, sign, sun
+    # a number as a digit or a word, either way round
+    ("vqav2", "There are two circles.", ["2"] * 10, "", 1.0, False),
+    ("vqav2", "two", ["2"] * 8 + ["3"] * 2, "", 1.0, True),
+    ("vqav2", "2", ["two"] * 10, "", 1.0, True),
+    ("vqav2", "There are three circles.", ["2"] * 10, "", 0.0, False),
+    ("scienceqa", "The shape is a square.", "B", SQA_PROMPT, 1.0, False),
 ]
+
+
+def test_every_answer_the_data_write_is_known_in_each_of_its_forms():
+    """The task's answer, the base's sentence and its brief answer (a count as a word or a digit,
+    an option's text for its letter, a box inside a sentence) all carry the content."""
+    for name in data.TASKS:
+        rng = random.Random(name)
+        for _ in range(40):
+            s = data.draw(name, rng, "test")
+            prompt = data.compose_text(data.TASKS[name], s.question)
+            for form in (s.answer, s.sentence, s.brief):
+                assert E.knowledge(name, form, s.answer, prompt) == 1.0, (name, form, s.answer)
 
 
 @pytest.mark.parametrize("task, prediction, answer, prompt, known, follows", CASES)
