@@ -1,0 +1,67 @@
+"""The testbed's premises, as the README's "The tiny base model and the synthetic data" states them: the
+tiny base knows the scenes and answers what is asked in free sentences, but not in the tasks' formats, and
+every task can be learned. Measured afresh on the base every run uses (built once into the cache if it is
+not there, as the tutorial's test does), and on the committed profile the README shows."""
+import json
+
+import pytest
+
+import base_profile
+import data
+import rank_rule
+import smolora
+
+
+@pytest.fixture(scope="module")
+def base():
+    return smolora.load_model(smolora.ensure_tiny_model(smolora.CACHE, progress=False))
+
+
+def has_the_papers_shape(profile, asked_at_least):
+    """GK well above the score, few answers in the asked format, what is asked answered."""
+    tasks = profile["tasks"]
+    mean = {m: sum(row[m] for row in tasks.values()) / len(tasks) for m in ("score", "MIF", "GK")}
+    formats = [t for t in tasks if data.TASKS[t].answer_kind in ("letter", "bbox")]
+    assert mean["GK"] >= mean["score"] + 25, mean
+    assert all(tasks[t]["MIF"] <= 10 and tasks[t]["score"] <= 10 for t in formats), formats
+    assert profile["asked"] >= asked_at_least
+
+
+def test_the_base_has_the_papers_profile(base):
+    model, processor = base
+    asked, _ = base_profile.asked_share(model, processor, pairs=20)
+    has_the_papers_shape({"tasks": base_profile.zero_shot(model, processor, 10), "asked": asked},
+                         asked_at_least=60)
+
+
+def test_the_committed_profile_has_it_and_says_which_tasks_are_learned():
+    """The README names the tasks DirLoRA does not learn to 80% of their ceiling: the premise the
+    testbed does not yet hold."""
+    profile = json.loads(base_profile.RESULT.read_text())
+    assert (profile["model"], profile["synthetic"]) == (smolora.TINY_MODEL, data.SYNTHETIC_VERSION), \
+        "the profile is of another base or other data: run python tests/base_profile.py --dirlora"
+    has_the_papers_shape(profile, asked_at_least=70)
+    short = [task for task, row in profile["tasks"].items()
+             if max(row["dirlora"].values()) < 0.8 * base_profile.ceiling(task)]
+    readme = (base_profile.ROOT / "README.md").read_text()
+    assert f"DirLoRA learns {len(short)} of the {len(profile['tasks'])} tasks to less than 80%" in readme
+    assert all(task in readme.split("to less than 80%")[1].split(".")[0] for task in short)
+
+
+def test_the_readme_shows_the_committed_profile():
+    table = base_profile.profile_table(json.loads(base_profile.RESULT.read_text()))
+    assert table in (base_profile.ROOT / "README.md").read_text(), \
+        "the README's profile table differs from docs/results/base-profile.json"
+
+
+def test_the_readme_shows_the_rank_rule_and_the_default_follows_it():
+    result = json.loads(rank_rule.RESULT.read_text())
+    assert rank_rule.rule_table(result) in (base_profile.ROOT / "README.md").read_text(), \
+        "the README's rank table differs from docs/results/rank-rule.json"
+    # no r met the rule; the default is the r that came nearest, SMoLoRA's lowest share of LoRA's
+    assert rank_rule.chosen(result["scores"]) is None
+    nearest = max(rank_rule.RANKS, key=lambda r: min(
+        result["scores"][str(r)][m][t] / result["scores"][str(r)]["lora"][t]
+        for m in rank_rule.METHODS for t in data.COIN_TASKS))
+    assert smolora.Config(tasks=["scienceqa"]).r == nearest
+    assert smolora.Config(tasks=["scienceqa"]).alpha == 2 * nearest
