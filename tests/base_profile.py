@@ -51,6 +51,7 @@ def asked_share(model, processor, pairs=ASKED_PAIRS, seed=0):
             asked = ((data.PHRASES["title"], title.text), (data.PHRASES["author"], author.text))
         records += [{"id": f"{i}-{k}", "image": sample.image, "text": question, "instruction": "",
                      "answer": truth} for k, (question, truth) in enumerate(asked)]
+    # "gqa" stands for any one-word-answer task: its answer length and its whole-word knowledge rule
     predictions = eval.generate_predictions(model, processor, records, task="gqa", progress=False)
     right = [eval.knowledge("gqa", p["text"], p["answer"]) == 1.0 for p in predictions]
     both = [right[i] and right[i + 1] and predictions[i]["text"] != predictions[i + 1]["text"]
