@@ -124,6 +124,8 @@ def main():
     profile = {"model": smolora.TINY_MODEL, "synthetic": data.SYNTHETIC_VERSION, "asked": asked,
                "asked_examples": [(p["prompt"], p["text"]) for p in examples], "tasks": tasks}
     before = json.loads(RESULT.read_text()) if RESULT.exists() else {}
+    if before.get("model") != smolora.TINY_MODEL:      # another base's runs are not this one's
+        before = {}
     for task in tasks:      # resumable: DirLoRA runs already in the file are not run again
         tasks[task]["dirlora"] = before.get("tasks", {}).get(task, {}).get("dirlora", {})
     write(profile)

@@ -7,8 +7,9 @@ each task alone, reaches 90% of DirLoRA's score at that r (DirLoRA alone is LoRA
 The methods keep the official ratios: 8 experts of rank r/8 each, alpha/r = 2, the official expert init.
 O-LoRA is left out: by design it gives each of T tasks r/T, so alone on one task it is LoRA. Each run: the
 default recipe on the first RECORDS training records of the task, scored on its first TEST records.
-The file also holds r = 64 for LoRA and DoRA: begun, and stopped when LoRA alone stopped learning there at the
-default learning rate (ScienceQA 17, GQA 27), where a share of its score no longer measures capacity.
+On the previous base (tiny-llava-v3) r = 64 was begun for LoRA and DoRA, and stopped when LoRA alone stopped
+learning there at the default learning rate (ScienceQA 17, GQA 27): a share of its score no longer measures
+capacity there.
 """
 import json
 import os
@@ -67,7 +68,8 @@ def write(result):
 
 
 def main():
-    scores = json.loads(RESULT.read_text())["scores"] if RESULT.exists() else {}
+    before = json.loads(RESULT.read_text()) if RESULT.exists() else {}
+    scores = before["scores"] if before.get("model") == smolora.TINY_MODEL else {}   # this base's runs only
     smolora.ensure_synthetic(smolora.Config(tasks=list(data.COIN_TASKS)))
     with tempfile.TemporaryDirectory() as runs:
         for r in RANKS:
