@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +60,32 @@ def base_hash(notebook):
     raise AssertionError("no cell printed the tiny base's hash")
 
 
+def assert_shows_the_same(committed, fresh):
+    """Every code cell's numbers equal, on the committed notebook's base; on another, only up to the base."""
+    (base_cell, made_with), (_, here) = base_hash(committed), base_hash(fresh)
+    for k, (then, now) in enumerate(zip(shown(committed), shown(fresh))):
+        if k < base_cell or here == made_with:
+            assert then == now, f"code cell {k}: the committed outputs show {then}, the current code {now}"
+        else:       # another arithmetic's base: its runs' numbers differ, the pictures must still be there
+            assert then[1] == now[1], f"code cell {k}: {then[1]} pictures committed, {now[1]} now"
+
+
+def toy_notebook(equation, base, run):
+    """Three code cells: an equation's check, the base's hash, a run's score."""
+    cells = [nbformat.v4.new_code_cell(outputs=[nbformat.v4.new_output("stream", name="stdout", text=text)])
+             for text in (f"checked: {equation}\n", f"the tiny base: tiny-llava, weights sha256 {base}\n",
+                          f"ScienceQA {run}\n")]
+    return nbformat.v4.new_notebook(cells=cells)
+
+
+def test_numbers_after_the_base_are_compared_only_on_the_same_base():
+    assert_shows_the_same(toy_notebook(1.5, "0123456789ab", 82.5), toy_notebook(1.5, "0123456789ab", 82.5))
+    assert_shows_the_same(toy_notebook(1.5, "0123456789ab", 82.5), toy_notebook(1.5, "ba9876543210", 76.0))
+    for fresh in (toy_notebook(1.5, "0123456789ab", 76.0), toy_notebook(2.5, "ba9876543210", 82.5)):
+        with pytest.raises(AssertionError, match="code cell"):
+            assert_shows_the_same(toy_notebook(1.5, "0123456789ab", 82.5), fresh)
+
+
 def test_committed_notebook_has_its_outputs():
     committed = nbformat.read(NOTEBOOK, as_version=4)
     code = [c for c in committed.cells if c.cell_type == "code"]
@@ -76,12 +103,7 @@ def test_notebook_runs_in_a_kernel_and_shows_what_the_code_produces(tmp_path, mo
     monkeypatch.setenv("PYTHONPATH", str(ROOT))     # the kernel imports smolora, data, eval; it writes in tmp_path
     NotebookClient(fresh, timeout=1200, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()   # raises on any cell's error
-    (base_cell, made_with), (_, here) = base_hash(committed), base_hash(fresh)
-    for k, (then, now) in enumerate(zip(shown(committed), shown(fresh))):
-        if k < base_cell or here == made_with:
-            assert then == now, f"code cell {k}: the committed outputs show {then}, the current code {now}"
-        else:       # another arithmetic's base: its runs' numbers differ, the pictures must still be there
-            assert then[1] == now[1], f"code cell {k}: {then[1]} pictures committed, {now[1]} now"
+    assert_shows_the_same(committed, fresh)
     # the workbench: the cell's LoRA-FA built every adapted layer of its in-process run, and A never moved
     workbench = next(c for c in fresh.cells if c.cell_type == "code" and "class LoRAFALinear" in c.source)
     said = "".join(o.get("text", "") for o in workbench.outputs)
