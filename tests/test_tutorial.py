@@ -5,7 +5,7 @@ outputs show (matrices, metrics, the seeds' table) are the ones the current code
 The cells assert their own claims too (the adapters against the papers' equations, the top-1 routers' zero
 gradient, the metrics by hand against eval.continual_metrics). Timings ("31 s") vary from run to run and are
 left out of the comparison; pictures are compared by their presence, not their bytes. The continual runs
-need the pretrained tiny base: the notebook builds it in smolora.CACHE if it is not there (about 2 minutes).
+need the pretrained tiny base: the notebook builds it in smolora.CACHE if it is not there (about 3.5 minutes).
 The workbench cell defines an adapter class and runs it in the kernel: its run must have used that class.
 
 The numbers of a training run are exact only for the arithmetic that made them: another CPU (its vector
