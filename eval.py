@@ -617,10 +617,12 @@ def generate_predictions(model, processor, records, task, batch_size=16, before_
         for start in tqdm(starts, desc=desc or task, unit="batch", disable=not progress):
             chunk = records[start:start + batch_size]
             batch = {k: v.to(model.device) for k, v in collate(chunk).items()}
-            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+            if "pixel_values" in batch:        # none where the records are text alone
+                batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
             if before_generate is not None:
                 before_generate(batch)
-            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")
+                      if k in batch}
             output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
                                     pad_token_id=tokenizer.pad_token_id,
                                     eos_token_id=tokenizer.eos_token_id)

@@ -1071,7 +1071,7 @@ def build_tiny_model(processor):
 
 
 def pretrain_tiny_model(path, seed=0, progress=True, steps=(500, 900), batch_size=32, lr=1e-3,
-                        pool=8):
+                        pool=8, stage1_trains_llm=False):
     """Build the tiny model, pretrain it in two stages as the papers' base was made, and save it to
     `path`. Stage 0, Vicuna's analog: the language model alone, as a text model that knows the
     scenes and answers questions about them in free sentences (data.base_corpus). Stage 1, the
@@ -1081,19 +1081,21 @@ def pretrain_tiny_model(path, seed=0, progress=True, steps=(500, 900), batch_siz
     about the images too, where LLaVA's has captions alone: with no pretrained CLIP the vision tower
     learns here from scratch, and on captions alone the base answered both of two questions about
     one image on 33% to 86% of images in two builds (88% so, at 450 steps). Stage 1 is as long as
-    the default command's budget allows (README): the vision side is what it trains from scratch."""
+    the default command's budget allows (README): the vision side is what it trains from scratch.
+    stage1_trains_llm: the language model trains in stage 1 too (tests/locating.py's experiment)."""
     torch.manual_seed(seed)
     processor = data.build_processor()
     model, collate = build_tiny_model(processor), data.Collator(processor, train=True)
-    parts = (model.model.language_model,
-             torch.nn.ModuleList([model.model.vision_tower, model.model.multi_modal_projector]))
+    vision = torch.nn.ModuleList([model.model.vision_tower, model.model.multi_modal_projector])
+    parts = (model.model.language_model, model if stage1_trains_llm else vision)
     model.train()
     for stage, (part, count) in enumerate(zip(parts, steps)):
         model.requires_grad_(False)
         part.requires_grad_(True)
         optimizer = torch.optim.AdamW(part.parameters(), lr=lr, weight_decay=0.0)
         schedule = cosine_with_warmup(optimizer, count)
-        what = "the language model, on text" if stage == 0 else "the vision side, on images"
+        what = ("the language model, on text" if stage == 0 else
+                "the whole model, on images" if stage1_trains_llm else "the vision side, on images")
         bar = tqdm(range(count), desc=f"pretraining the tiny base, stage {stage}: {what}",
                    disable=not progress)
         for step in bar:

@@ -142,11 +142,11 @@ def main():
         print(profile_table(profile))
 
 
-def write(profile):
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    temporary = RESULT.with_suffix(".tmp")
-    temporary.write_text(json.dumps(profile, indent=1) + "\n")
-    os.replace(temporary, RESULT)
+def write(result, path=RESULT):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(temporary, path)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ learning there at the default learning rate (ScienceQA 17, GQA 27): a share of i
 capacity there.
 """
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import base_profile   # noqa: E402
 import data   # noqa: E402
 import smolora   # noqa: E402
 
@@ -61,12 +61,6 @@ def rule_table(result):
     return "\n".join(lines)
 
 
-def write(result):
-    temporary = RESULT.with_suffix(".tmp")
-    temporary.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(temporary, RESULT)
-
-
 def main():
     before = json.loads(RESULT.read_text()) if RESULT.exists() else {}
     scores = before["scores"] if before.get("model") == smolora.TINY_MODEL else {}   # this base's runs only
@@ -79,9 +73,9 @@ def main():
                     if task not in row:     # resumable: what is in the file is not run again
                         row[task] = learned_alone(method, task, r, Path(runs) / f"{method}-{task}-{r}")
                         print(r, method, task, row[task], flush=True)
-                        write({"model": smolora.TINY_MODEL, "scores": scores})
+                        base_profile.write({"model": smolora.TINY_MODEL, "scores": scores}, RESULT)
     result = {"model": smolora.TINY_MODEL, "scores": scores, "chosen": chosen(scores)}
-    write(result)
+    base_profile.write(result, RESULT)
     print("chosen r:", result["chosen"])
 
 

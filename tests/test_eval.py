@@ -403,6 +403,21 @@ def test_generate_predictions_one_per_record(tiny):
     assert [p["text"] for p in alone] == [p["text"] for p in predictions[:3]]
 
 
+def test_generate_predictions_answers_text_alone(tiny):
+    """Records without an image, as the base's stage 0 reads a scene (tests/locating.py): the answer is
+    the model's own greedy continuation of the prompt "USER: {text} ASSISTANT:"."""
+    model, processor, _, records = tiny
+    texts = [dict(r, image=None) for r in records[:2]]
+    predictions = E.generate_predictions(model, processor, texts, "scienceqa", batch_size=2)
+    tok = processor.tokenizer
+    for record, prediction in zip(texts, predictions):
+        ids = tok(f"USER: {record['text']} ASSISTANT:", return_tensors="pt")
+        out = model.generate(**ids, do_sample=False, max_new_tokens=E.MAX_NEW_TOKENS["letter"],
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        alone = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        assert prediction["text"] == alone
+
+
 def test_rescore_checks_question_ids_against_the_test_records(tiny, tmp_path):
     model, processor, root, records = tiny
     predictions = E.generate_predictions(model, processor, records, "scienceqa", batch_size=5)

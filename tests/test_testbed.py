@@ -5,9 +5,11 @@ not there, as the tutorial's test does), and on the committed profile the README
 import json
 
 import pytest
+import torch
 
 import base_profile
 import data
+import locating
 import rank_rule
 import smolora
 
@@ -68,3 +70,28 @@ def test_the_readme_shows_the_rank_rule_and_the_default_follows_it():
         for m in rank_rule.METHODS for t in data.COIN_TASKS))
     r = rank_rule.chosen(result["scores"]) or nearest
     assert (smolora.Config(tasks=["scienceqa"]).r, smolora.Config(tasks=["scienceqa"]).alpha) == (r, 2 * r)
+
+
+def test_the_readme_shows_where_the_place_goes_missing():
+    result = json.loads(locating.RESULT.read_text())
+    assert (result["model"], result["synthetic"]) == (smolora.TINY_MODEL, data.SYNTHETIC_VERSION), \
+        "the experiment is of another base or other data: run python tests/locating.py"
+    assert locating.locating_table(result) in (base_profile.ROOT / "README.md").read_text(), \
+        "the README's locating tables differ from docs/results/locating.json"
+
+
+def test_stage1_leaves_the_language_model_as_stage0_left_it(tmp_path):
+    """Stage 1 trains the vision tower and the projector alone; with stage1_trains_llm (the experiment of
+    tests/locating.py) the language model too. Two stage-1 steps from the seed's initial weights."""
+    torch.manual_seed(0)
+    initial = smolora.build_tiny_model(data.build_processor())     # pretrain_tiny_model's, seed 0
+    for trains in (False, True):
+        path = smolora.pretrain_tiny_model(tmp_path / str(trains), steps=(0, 2), progress=False,
+                                           stage1_trains_llm=trains)
+        model, _ = smolora.load_model(path)
+        moved = {name: not all(torch.equal(a, b) for a, b in zip(part(initial).parameters(),
+                                                                 part(model).parameters()))
+                 for name, part in (("llm", lambda m: m.model.language_model),
+                                    ("vision", lambda m: m.model.vision_tower),
+                                    ("projector", lambda m: m.model.multi_modal_projector))}
+        assert moved == {"llm": trains, "vision": True, "projector": True}
