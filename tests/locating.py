@@ -7,7 +7,7 @@ things are: Grounding's box, GQA's left-of and above, VQAv2's counts and colours
 Flickr30k's sentences that place two things. Two experiments, each on those four tasks:
 1. The language model alone, as stage 0 leaves it, reading each test scene as text (its description, written
    where the image will stand, as stage 0 trains) and asked the task's question as anyone asks it: is its
-   answer's content right (eval.knowledge)? After the base's stage-0 steps, and after three times as many.
+   answer's content right (eval.knowledge)? After the base's stage-0 steps, and after 3 and 8 times as many.
    GQA's questions of a relation (chance 50%) are counted apart from those of a shape or a colour.
 2. DirLoRA on each task alone at lr 1e-3 (tests/base_profile.py's recipe), from the base and from a base built
    with its language model trained in stage 1 too, not frozen: both on this machine, as every run's bits are
@@ -107,7 +107,7 @@ def main():
     result = json.loads(RESULT.read_text()) if RESULT.exists() else {}
     if (result.get("model"), result.get("synthetic")) != (smolora.TINY_MODEL, data.SYNTHETIC_VERSION):
         result = {"model": smolora.TINY_MODEL, "synthetic": data.SYNTHETIC_VERSION, "text_model": {}}
-    for steps in (STAGE0, 3 * STAGE0):         # resumable: what the file holds is not run again
+    for steps in (STAGE0, 3 * STAGE0, 8 * STAGE0):     # resumable: what the file holds is not run again
         if str(steps) not in result["text_model"]:
             result["text_model"][str(steps)] = text_model_knows(steps)
             base_profile.write(result, RESULT)
