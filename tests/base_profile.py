@@ -16,7 +16,6 @@ README.md's table is made from the JSON (profile_table); tests/test_testbed.py c
 """
 import argparse
 import json
-import os
 import random
 import sys
 import tempfile
@@ -59,12 +58,18 @@ def asked_share(model, processor, pairs=ASKED_PAIRS, seed=0):
     return 100.0 * sum(both) / len(both), predictions[:4]
 
 
+def test_samples(task, n):
+    """The first n test scenes of a synthetic task, as make_synthetic draws them (the same seed, the
+    same order)."""
+    rng = random.Random(f"0/{task}/test")
+    return [data.draw(task, rng, "test") for _ in range(n)]
+
+
 def test_records(task, n):
-    """The first n test records of a synthetic task, as the run loads them, the images in memory:
-    make_synthetic draws them so (the same seed, the same order; PNG keeps every pixel)."""
-    rng, records = random.Random(f"0/{task}/test"), []
-    for i in range(n):
-        sample = data.draw(task, rng, "test")
+    """The first n test records of a synthetic task, as the run loads them, the images in memory
+    (PNG keeps every pixel)."""
+    records = []
+    for i, sample in enumerate(test_samples(task, n)):
         record = data.coin_record(data.TASKS[task], sample, f"{task}-test-{i:05d}", "", "test")
         records.append({"id": record["question_id"], "image": sample.image, "text": record["text"],
                         "instruction": data.TASKS[task].instruction,
@@ -143,10 +148,7 @@ def main():
 
 
 def write(result, path=RESULT):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(temporary, path)
+    eval.write_atomic(path, json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

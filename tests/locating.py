@@ -17,7 +17,6 @@ unfreezing it in stage 1 does not let DirLoRA learn, the frozen language model i
 """
 import inspect
 import json
-import random
 import shutil
 import sys
 from pathlib import Path
@@ -38,14 +37,12 @@ TEST = 100      # test scenes per task
 
 
 def scenes_as_text(task, n=TEST):
-    """The first n test scenes of the task (the run's, as tests/base_profile.py draws them), each as
-    stage 0 reads a scene: its description, then the question as anyone asks it."""
-    rng = random.Random(f"0/{task}/test")
-    samples = [data.draw(task, rng, "test") for _ in range(n)]
+    """The first n test scenes of the task, each as stage 0 reads a scene: its description, then
+    the question as anyone asks it."""
     return [{"id": f"{task}-{i}", "image": None, "text": f"{s.description}\n{s.plain}",
              "instruction": "", "answer": s.answer,
              "relation": task == "gqa" and s.answer in data.RELATIONS}
-            for i, s in enumerate(samples)]
+            for i, s in enumerate(base_profile.test_samples(task, n))]
 
 
 def text_model_knows(steps):
