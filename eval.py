@@ -262,15 +262,29 @@ def score(task, prediction, answer):
     return _cider_d_per_image([prediction], [_as_list(answer)], use_idf=False)[0]
 
 
-def task_score(task, predictions, answers):
-    """The task's score in percent: the mean of `score` x 100, or the corpus CIDEr-D x 100 for
-    captions (so a caption task is on the papers' scale, e.g. 110.5, and may exceed 100)."""
+def _check_pairs(task, predictions, answers):
     if not predictions or len(predictions) != len(answers):
         raise ValueError(f"{task}: {len(predictions)} predictions and {len(answers)} answers; "
                          f"need as many, at least 1")
+
+
+def task_score(task, predictions, answers):
+    """The task's score in percent: the mean of `score` x 100, or the corpus CIDEr-D x 100 for
+    captions (so a caption task is on the papers' scale, e.g. 110.5, and may exceed 100)."""
+    _check_pairs(task, predictions, answers)
     if _task(task).scorer == "cider":
         return 100.0 * cider(predictions, [_as_list(a) for a in answers])
     return 100.0 * sum(score(task, p, a) for p, a in zip(predictions, answers)) / len(predictions)
+
+
+def item_scores(task, predictions, answers):
+    """Each prediction's part of task_score, in its units (their mean is task_score, to rounding):
+    `score` x 100, or for captions its CIDEr-D x 1000 within the corpus (document frequencies over
+    all the references given). What a bootstrap over test items resamples."""
+    _check_pairs(task, predictions, answers)
+    if _task(task).scorer == "cider":
+        return [1000.0 * v for v in _cider_d_per_image(predictions, [_as_list(a) for a in answers])]
+    return [100.0 * score(task, p, a) for p, a in zip(predictions, answers)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,11 +447,16 @@ def _cached_replies(path, judge):
     return {_reply_key(c): c["reply"] for c in cached if c.get("judge") == judge}
 
 
+def knowledge_of(task, predictions):
+    """Each saved prediction's knowledge by the rule judge, as GK counts it."""
+    return [knowledge(task, p["text"], p["answer"], p.get("prompt", "")) for p in predictions]
+
+
 def _sample_knowledge(task, predictions, path=None, judge=None):
     """Each prediction's knowledge in [0, 1]: the rule judge's, or the LLM judge's cached
     score / 10."""
     if judge is None:
-        return [knowledge(task, p["text"], p["answer"], p.get("prompt", "")) for p in predictions]
+        return knowledge_of(task, predictions)
     replies = _cached_replies(path, judge)
     if any(_reply_key(p) not in replies for p in predictions):
         raise ValueError(f"{path}: some predictions are not judged by {judge}; "

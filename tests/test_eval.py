@@ -209,6 +209,24 @@ def test_task_score_percent_and_errors():
         E.task_score("gqa", [], [])
 
 
+def test_item_scores_are_each_items_part_of_the_task_score():
+    assert E.item_scores("scienceqa", ["A", "B", "(C)", "D"], ["A", "B", "C", "A"]) == [100, 100, 100, 0]
+    # the caption pair of test_cider_matches_hand_computed_value: image 1 10 e^(-1/72) (2/sqrt 10
+    # + 2/sqrt 6) / 4, image 2 7.5, each x 100 (the task's percent) beside the corpus's idf
+    image1 = 10 * math.exp(-1 / 72) * (2 / math.sqrt(10) + 2 / math.sqrt(6)) / 4
+    got = E.item_scores("flickr30k", ["a red red circle", "a blue square"],
+                        [["a red circle"], "a blue square"])
+    assert got == pytest.approx([100 * image1, 750.0])
+    # VQA: "two" matches 2 of the 10 human answers: of the 10 sets of 9, 2 hold one match (1/3),
+    # 8 hold two (2/3): (2/3 + 16/3) / 10 = 0.6; their mean is the task score
+    answers = [["two"] * 2 + ["three"] * 8, ["red"] * 10]
+    assert E.item_scores("vqav2", ["two", "blue"], answers) == pytest.approx([60.0, 0.0])
+    assert sum(E.item_scores("vqav2", ["two", "blue"], answers)) / 2 == pytest.approx(
+        E.task_score("vqav2", ["two", "blue"], answers))
+    with pytest.raises(ValueError, match="2 predictions and 1 answers"):
+        E.item_scores("gqa", ["a", "b"], ["a"])
+
+
 # ---------------------------------------------------------------- continual metrics
 
 def test_continual_metrics_by_hand():
