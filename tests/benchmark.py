@@ -582,7 +582,8 @@ How to read the columns:
 
 ## The learning rates
 
-Each method's validation MAP at each rate, and the rate chosen (a tie goes to the lower rate).
+Each method's and each ablation variant's validation MAP at each rate, the mean over the two
+validation seeds, and the rate chosen (a tie goes to the lower rate).
 
 {{rates}}
 
