@@ -170,27 +170,27 @@ def test_items(out, results):
     string of 0 and 1) and its content's knowledge (eval.knowledge); per unseen task, its final
     scores; per few-shot task and k, its scores after that tuning."""
     def read(stage, task):
-        predictions = eval.load_predictions(out / "predictions" / stage / f"{task}.jsonl")
-        return [p["text"] for p in predictions], [p["answer"] for p in predictions], predictions
+        return eval.load_predictions(out / "predictions" / stage / f"{task}.jsonl")
 
-    def scores(task, texts, answers):
-        return [round(v, 3) for v in eval.item_scores(task, texts, answers)]
+    def scores(task, predictions):
+        return [round(v, 3) for v in eval.item_scores(
+            task, [p["text"] for p in predictions], [p["answer"] for p in predictions])]
 
     stages, tasks = len(results["matrix"]) - 1, results["tasks"]
     items = {"tasks": {}, "unseen": {}, "fewshot": {}}
     for i, task in enumerate(tasks):
-        texts, answers, predictions = read(f"stage{stages}", task)
+        predictions = read(f"stage{stages}", task)
         items["tasks"][task] = {
-            "final": scores(task, texts, answers),
-            "follows": "".join(str(int(eval.follows_instruction(task, t, a)))
-                               for t, a in zip(texts, answers)),
+            "final": scores(task, predictions),
+            "follows": "".join(str(int(eval.follows_instruction(task, p["text"], p["answer"])))
+                               for p in predictions),
             "known": [round(k, 3) for k in eval.knowledge_of(task, predictions)]}
         if stages == len(tasks):
-            items["tasks"][task]["after"] = scores(task, *read(f"stage{i + 1}", task)[:2])
+            items["tasks"][task]["after"] = scores(task, read(f"stage{i + 1}", task))
     for task in results.get("unseen", {}).get("tasks", []):
-        items["unseen"][task] = scores(task, *read(f"stage{stages}", task)[:2])
+        items["unseen"][task] = scores(task, read(f"stage{stages}", task))
     for task, shots in (results.get("fewshot") or {}).items():
-        items["fewshot"][task] = {k: scores(task, *read(f"fewshot-{k}", task)[:2]) for k in shots}
+        items["fewshot"][task] = {k: scores(task, read(f"fewshot-{k}", task)) for k in shots}
     return items
 
 
@@ -270,9 +270,9 @@ def chosen_rates():
     complete: the best rate lies inside the rates tried, or at the ladder's end."""
     rates = {}
     for name in rate_rows():
-        scores = validation_scores(name)
-        tried = {lr: scores[lr] for lr in rates_to_try(scores) if lr in scores}
-        if len(tried) == len(rates_to_try(scores)):
+        scores, bracket = validation_scores(name), rates_to_try(validation_scores(name))
+        if all(lr in scores for lr in bracket):
+            tried = {lr: scores[lr] for lr in bracket}
             rates[name] = (best_rate(tried), tried)
     return rates
 
@@ -301,7 +301,7 @@ RESAMPLES = 10_000
 LEVEL = 0.05          # a difference is "better" or "worse" below this p-value, else a tie
 
 
-def bootstrap(values, resamples=RESAMPLES, seed=0):
+def bootstrap(values):
     """The mean over tasks of each task's mean over (seed, item), its 95% interval and the p-value of
     "it is 0" (two-sided), by a bootstrap that draws the seeds, and within each task its test items,
     with replacement: the same seeds for every task (a seed is one run through all of them).
@@ -309,16 +309,17 @@ def bootstrap(values, resamples=RESAMPLES, seed=0):
     of two rows run on the same items with the same seeds (a paired test). The interval is the
     resampled means' 2.5th and 97.5th percentiles; p = 2 min(P(mean* <= 0), P(mean* >= 0)), at most 1.
     Returns (mean, low, high, p)."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
     values = [np.asarray(v, dtype=float) for v in values]
     seeds = values[0].shape[0]
     # how often each seed, and each item of each task, is drawn in each resample
-    seed_counts = rng.multinomial(seeds, [1 / seeds] * seeds, size=resamples)     # (R, S)
-    means = np.zeros(resamples)
+    seed_counts = rng.multinomial(seeds, [1 / seeds] * seeds, size=RESAMPLES)     # (R, S)
+    means = np.zeros(RESAMPLES)
     for task in values:
         items = task.shape[1]
-        item_counts = rng.multinomial(items, [1 / items] * items, size=resamples)  # (R, N)
+        item_counts = rng.multinomial(items, [1 / items] * items, size=RESAMPLES)  # (R, N)
         per_seed = item_counts @ task.T / items                                   # (R, S)
+        # mean* = (1/T) sum_t (1/S) sum_s c_s (1/N_t) sum_i c_ti v_tsi, c the draws' counts
         means += (seed_counts * per_seed).sum(axis=1) / seeds / len(values)
     mean = float(np.mean([task.mean() for task in values]))
     low, high = np.percentile(means, [2.5, 97.5])
@@ -380,13 +381,13 @@ def per_item(runs, column):
             arrays.append(final)
         elif column == "MFT":
             arrays.append(of("after"))
-        elif column == "BWT":
+        elif column == "BWT":           # BWT = (1/(T-1)) sum_{i<T} (A[T][i] - A[i][i]), per item
             arrays.append(final - of("after"))
         elif column == "MIF":
             arrays.append(100.0 * of("follows"))
         elif column == "GK":
             arrays.append(100.0 * of("known"))
-        else:           # the drop since learning, split by the final answer's format and knowledge
+        else:   # d = after - final, split by follows f and knowledge k: (1-f)k d, (1-f)(1-k) d, f d
             drop, follows, known = of("after") - final, of("follows"), of("known")
             arrays.append({"format_broke_knowledge_kept": (1 - follows) * known * drop,
                            "format_broke_knowledge_lost": (1 - follows) * (1 - known) * drop,
