@@ -287,6 +287,16 @@ def item_scores(task, predictions, answers):
     return [100.0 * score(task, p, a) for p, a in zip(predictions, answers)]
 
 
+def majority_score(task, answers):
+    """task_score of answering every item with the majority class: the answer string that the most
+    items accept (each counts an item once). What a few-shot score is read against. None for
+    captions and boxes, which have no classes."""
+    if _task(task).answer_kind not in ("letter", "phrase"):
+        return None
+    votes = Counter(a for answer in answers for a in set(_as_list(answer)))
+    return task_score(task, [votes.most_common(1)[0][0]] * len(answers), answers)
+
+
 # ----------------------------------------------------------------------------------------------
 # Instruction following: does the answer have the format its instruction asks for (SMoLoRA's MIF).
 
@@ -738,11 +748,13 @@ def _matrix_markdown(results):
     for title, columns, matrix in tables:
         lines += [f"## {title}", ""] + _table("", columns, zip(_row_names(results), matrix))
     if results.get("fewshot"):
-        lines += ["## Few-shot: each tuned 1 epoch on k examples per class, from the final "
-                  "adapters (not in AP)", ""]
-        rows = [(task, (k, v["score"], v["mif"])) for task, shots in results["fewshot"].items()
-                for k, v in shots.items()]
-        lines += _table("task", ("k", "score", "MIF"), rows)
+        lines += ["## Few-shot: each tuned at least 20 steps on k examples per class, from the "
+                  "final adapters and from fresh ones (not in AP)", ""]
+        columns = ("score", "mif", "fresh_score", "fresh_mif", "majority")
+        rows = [(task, (k, *(v.get(c) for c in columns))) for task, shots in
+                results["fewshot"].items() for k, v in shots.items()]
+        lines += _table("task", ("k", "score", "MIF", "from fresh: score", "from fresh: MIF",
+                                 "majority class"), rows)
     lines += ["## Metrics", "", "| " + " | ".join(METRICS) + " |", "|" + "---:|" * len(METRICS),
               "| " + " | ".join(_cell_text(results["metrics"][k]) for k in METRICS) + " |", "",
               "– : not evaluated, or the run is incomplete (metrics need every stage). "
@@ -950,10 +962,14 @@ def rescore_run(run_dir, judge=None, device="cpu", dtype="float32"):
         results["unseen"] = {"tasks": unseen} | _rescored(run_dir, old, unseen)
     for task, shots in (old.get("fewshot") or {}).items():
         results.setdefault("fewshot", {})[task] = {}
-        for k in shots:
-            shot_path = os.path.join(run_dir, "predictions", f"fewshot-{k}", f"{task}.jsonl")
-            scored = score_predictions(task, load_predictions(shot_path))
-            results["fewshot"][task][k] = dict(zip(("score", "mif"), scored))
+        for k, row in shots.items():
+            results["fewshot"][task][k] = dict(row)
+            for folder, keys in ((f"fewshot-{k}", ("score", "mif")),
+                                 (f"fewshot-{k}-fresh", ("fresh_score", "fresh_mif"))):
+                shot_path = os.path.join(run_dir, "predictions", folder, f"{task}.jsonl")
+                if os.path.isfile(shot_path):
+                    scored = score_predictions(task, load_predictions(shot_path))
+                    results["fewshot"][task][k] |= dict(zip(keys, scored))
     if judge:
         judge_run(run_dir, results, judge, device, dtype)
         results["knowledge_judge"] = judge

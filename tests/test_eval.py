@@ -209,6 +209,15 @@ def test_task_score_percent_and_errors():
         E.task_score("gqa", [], [])
 
 
+def test_majority_score_answers_every_item_with_the_answer_most_items_accept():
+    assert E.majority_score("places365", ["grid", "grid", "stripes", "dots"]) == 50.0
+    # "bus" is accepted by 2 items, "cat" and "hat" by 1: 1, then 2 of 10 humans (VQA: the mean over the 10
+    # leave-one-out sets of min(1, matches / 3): 2 sets 1/3, 8 sets 2/3, 0.6), then 0
+    answers = [["bus"] * 10, ["bus"] * 2 + ["cat"] * 8, ["hat"] * 10]
+    assert E.majority_score("textvqa", answers) == pytest.approx(100 * (1 + 0.6 + 0) / 3)
+    assert E.majority_score("flickr30k", ["A dog runs."]) is None and E.majority_score("grounding", [[0, 0, 1, 1]]) is None
+
+
 def test_item_scores_are_each_items_part_of_the_task_score():
     assert E.item_scores("scienceqa", ["A", "B", "(C)", "D"], ["A", "B", "C", "A"]) == [100, 100, 100, 0]
     # the caption pair of test_cider_matches_hand_computed_value: image 1 10 e^(-1/72) (2/sqrt 10

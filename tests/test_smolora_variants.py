@@ -236,14 +236,40 @@ def test_encoder_task_routing_ablation_and_fewshot_run_end_to_end(micro, tmp_pat
     assert routers and all(v.shape == (2, 16) for v in routers)         # R_if reads the encoder's 16-d embedding
     assert not any("fuse_" in k for k in state)
     assert set(saved["fewshot"]["places365"]) == {"1", "2"} and "## Few-shot" in (out / "matrix.md").read_text()
+    test = [r["answer"] for r in data.load_records(micro / "data", "places365", "test")]
     for k in ("1", "2"):
-        preds = smolora.eval.load_predictions(out / "predictions" / f"fewshot-{k}" / "places365.jsonl")
-        assert (saved["fewshot"]["places365"][k]["score"], saved["fewshot"]["places365"][k]["mif"]) == \
-            smolora.eval.score_predictions("places365", preds)
+        row = saved["fewshot"]["places365"][k]
+        for folder, keys in ((f"fewshot-{k}", ("score", "mif")), (f"fewshot-{k}-fresh", ("fresh_score", "fresh_mif"))):
+            preds = smolora.eval.load_predictions(out / "predictions" / folder / "places365.jsonl")
+            assert (row[keys[0]], row[keys[1]]) == smolora.eval.score_predictions("places365", preds)
+        assert row["majority"] == smolora.eval.majority_score("places365", test)
     one, two = (smolora.safetensors.torch.load_file(out / "adapters" / f"fewshot-places365-{k}.safetensors")
                 for k in (1, 2))
     assert one.keys() == two.keys() == state.keys()                     # each k tunes the final adapters on
     assert not all(torch.equal(one[n], two[n]) for n in one) and not all(torch.equal(state[n], one[n]) for n in one)
+
+
+def test_fewshot_from_fresh_adapters_is_what_a_tuning_from_initialisation_gives(micro, tmp_path):
+    """A trained task may be relearned (its savings): from fresh adapters the tasks trained before do not matter,
+    from the final ones they do."""
+    shots = ["--method", "lora", "--fewshot", "scienceqa:1"]
+    smolora.main(run_args(micro, tmp_path / "ab", *shots))
+    smolora.main(run_args(micro, tmp_path / "ba", *shots, "--tasks", "grounding,scienceqa"))
+
+    def tuned(run, name):
+        return smolora.safetensors.torch.load_file(tmp_path / run / "adapters" / f"fewshot-scienceqa-{name}.safetensors")
+    fresh, final = (tuned("ab", n) for n in ("1-fresh", "1"))
+    assert all(torch.equal(fresh[n], tuned("ba", "1-fresh")[n]) for n in fresh)
+    assert not all(torch.equal(final[n], tuned("ba", "1")[n]) for n in final)
+    assert not all(torch.equal(final[n], fresh[n]) for n in final)
+
+
+@pytest.mark.parametrize("records", [1, 3, 4, 5, 25, 50, 79, 80, 81, 400])
+def test_fewshot_tunes_the_fewest_whole_epochs_that_make_20_steps(records):
+    cfg = smolora.Config(tasks="scienceqa", batch_size=4, grad_accum=1)
+    epochs = smolora.fewshot_epochs(records, cfg)
+    steps = lambda e: -(-e * records // 4)      # train_stage's count: ceil(epochs x records / 4)
+    assert epochs == int(epochs) >= 1 and steps(epochs) >= 20 and (epochs == 1 or steps(epochs - 1) < 20)
 
 
 def test_fewshot_draws_k_records_of_each_class_with_the_seed():
@@ -259,17 +285,19 @@ def test_fewshot_resumes_to_the_uninterrupted_result(micro, tmp_path, monkeypatc
     args = ["--method", "lora", "--unseen", "places365", "--fewshot", "places365:1,2"]
     smolora.main(run_args(micro, tmp_path / "whole", *args))
     train = data.load_records(micro / "data", "places365", "train")[:8]
-    steps = [-(-len(data.fewshot_records(train, k, 0, "places365")) // 4) for k in (1, 2)]
-    assert steps[1] >= 2
+    cfg = smolora.Config(tasks=TASKS, batch_size=4, grad_accum=1)
+    steps = [-(-smolora.fewshot_epochs(n, cfg) * n // 4)
+             for n in (len(data.fewshot_records(train, k, 0, "places365")) for k in (1, 2))]
     with monkeypatch.context() as m:
-        interrupt(m, 4 + steps[0] + 2)    # 2 stages of 2 steps, the 1-shot tuning; then the 2-shot's second step
+        # 2 stages of 2 steps, the 1- and 2-shot tunings from the final adapters; then the 1-shot's from fresh ones
+        interrupt(m, 4 + steps[0] + steps[1] + 2)
         line = exits_interrupted(run_args(micro, tmp_path / "cut", *args), capsys)
-    assert line == "interrupted at stage 4 step 1; continue with --resume"      # the 2-shot tuning: stage 4
-    assert (tmp_path / "cut" / "adapters" / "fewshot-places365-1.safetensors").exists()
+    assert line == "interrupted at stage 5 step 1; continue with --resume"
+    assert (tmp_path / "cut" / "adapters" / "fewshot-places365-2.safetensors").exists()
     assert (tmp_path / "cut" / "checkpoint.pt").exists()
     smolora.main(run_args(micro, tmp_path / "cut", *args, "--resume"))
     assert results(tmp_path / "cut")["fewshot"] == results(tmp_path / "whole")["fewshot"]
-    for k in (1, 2):
+    for k in ("1", "2", "1-fresh", "2-fresh"):
         a, b = (smolora.safetensors.torch.load_file(run / "adapters" / f"fewshot-places365-{k}.safetensors")
                 for run in (tmp_path / "whole", tmp_path / "cut"))
         assert all(torch.equal(a[n], b[n]) for n in a)
@@ -280,7 +308,8 @@ def test_bad_variant_flags_exit_with_status_2(micro, tmp_path, capsys):
     for extra, message in [(["--method", "lora", "--smolora-parts", "vu"], "--smolora-parts 'vu'"),
                            (["--smolora-parts", "if,vu"], "'if,vu' (--smolora-parts)"),
                            (["--method", "moelora", "--if-routing", "task"], "--if-routing 'task'"),
-                           (["--fewshot", "scienceqa:5"], "--fewshot 'scienceqa:5'"),
+                           (["--fewshot", "nosuchtask:5"], "--fewshot 'nosuchtask:5'"),
+                           (["--fewshot", "places365:5", "--fewshot", "places365:10"], "--fewshot 'places365:10'"),
                            (["--fewshot", "places365:0"], "--fewshot 'places365:0'"),
                            (["--fewshot", "places365:5,x"], "--fewshot 'places365:5,x'"),
                            (["--ins-encoder", str(tmp_path / "empty")], "is not a transformers encoder")]:
