@@ -784,6 +784,9 @@ class Config:
     epochs: float = knob(8, "passes over each task's training records")
     weight_decay: float = knob(0.0, "AdamW's")
     top_k: int = knob(1, "experts kept per pool by SMoLoRA's routers (paper: 1)")
+    layers: str = knob("own", "the linears adapted: the method's own, or SMoLoRA's (the LLM's MLP "
+                       "and the projector) for any method, to compare at equal layers",
+                       choices=("own", "smolora"))
     max_train: int | None = knob(None, "use at most this many training records per task")
     max_test: int | None = knob(None, "evaluate on at most this many test records per task")
     replay_ratio: float | None = knob(0.1, "replay: memory samples per own record (ours)",
@@ -857,12 +860,13 @@ class Config:
             self.fewshot = [f"{task}:{','.join(map(str, ks))}" for task, ks in self.fewshot.items()]
         self.fewshot = parse_fewshot(self.fewshot)
         self.data = str(Path(self.data).resolve()) if self.data else None
-        if self.out is None:          # a SMoLoRA variant gets a folder of its own
+        if self.out is None:          # a variant gets a folder of its own
             parts = self.smolora_parts
             variant = [parts != "vu,if,fusion" and parts.replace(",", "+"),
                        self.if_routing == "task" and "task-routing",
                        self.ins_encoder and "encoder"] if self.method == "smolora" else []
-            name = [self.method, *filter(None, variant), *self.tasks]
+            layers = self.layers != "own" and f"{self.layers}-layers"
+            name = [self.method, *filter(None, [*variant, layers]), *self.tasks]
             self.out = f"runs/{'-'.join(name)}"
 
 
@@ -885,7 +889,8 @@ def run(cfg, progress=True):
     evaluate_stage(ctx, 0)
     if stages:
         torch.manual_seed(cfg.seed)                     # the adapters' initialisation
-        add_adapters(ctx.model, method.adapter, **adapter_hparams(cfg, ctx.ins_dim))
+        targets = None if cfg.layers == "own" else TARGETS[cfg.layers]
+        add_adapters(ctx.model, method.adapter, targets, **adapter_hparams(cfg, ctx.ins_dim))
     ctx.fresh = adapter_state_dict(ctx.model)
     for stage, name in enumerate(stages, 1):
         saved = ctx.out / "adapters" / f"stage{stage}.safetensors"

@@ -272,6 +272,16 @@ def test_fewshot_tunes_the_fewest_whole_epochs_that_make_20_steps(records):
     assert epochs == int(epochs) >= 1 and steps(epochs) >= 20 and (epochs == 1 or steps(epochs - 1) < 20)
 
 
+def test_lora_on_smolora_layers_adapts_the_mlp_and_the_projector_alone(micro, tmp_path):
+    smolora.main(run_args(micro, tmp_path / "run", "--method", "lora", "--layers", "smolora"))
+    state = smolora.safetensors.torch.load_file(tmp_path / "run" / "adapters" / "stage1.safetensors")
+    adapted = {name.rsplit(".", 1)[0] for name in state}
+    assert adapted == {f"model.language_model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down")} \
+        | {f"model.multi_modal_projector.linear_{i}" for i in (1, 2)}
+    assert smolora.parse_configs(["--tasks", "gqa", "--method", "lora", "--layers", "smolora"])[0].out == \
+        "runs/lora-smolora-layers-gqa"
+
+
 def test_fewshot_draws_k_records_of_each_class_with_the_seed():
     records = [{"id": i, "answer": "abc"[i % 3]} for i in range(30)]
     shots = data.fewshot_records(records, 4, seed=0, task="places365")
