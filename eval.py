@@ -995,15 +995,18 @@ def _comparison_row(run):
 
 
 def _comparison_png(runs):
-    """A panel of horizontal bars per metric, one bar per method from the zero line, and a last
+    """A panel of horizontal bars per metric, one bar per method from the zero line, with its
+    interval as a whisker where the run gives one ("intervals": {metric: (low, high)}), and a last
     panel with each method's mean forgetting split three ways (format broke with knowledge kept,
     lost; format held), stacked."""
     font, rows = ImageFont.load_default(size=14), [_comparison_row(r) for r in runs]
     legend = {"format broke, knowledge kept": (240, 170, 60),  # SPLIT's, in order
               "format broke, knowledge lost": (220, 80, 60), "format held": (59, 82, 139)}
-    panels = [(k, [[(row[k], (33, 145, 140))] for row in rows]) for k in COMPARED]
+    panels = [(k, [[(row[k], (33, 145, 140))] for row in rows],
+               [r.get("intervals", {}).get(k) for r in runs]) for k in COMPARED]
     panels.append(("forgetting: split",
-                   [[(row[k], c) for k, c in zip(SPLIT, legend.values())] for row in rows]))
+                   [[(row[k], c) for k, c in zip(SPLIT, legend.values())] for row in rows],
+                   [None] * len(runs)))
     label_w = max(font.getlength(r["method"]) for r in runs) + 16
     bar_h, panel_w, pad, top = 26, 190, 14, 44
     width = int(pad + label_w + len(panels) * (panel_w + pad))
@@ -1011,11 +1014,12 @@ def _comparison_png(runs):
     image, draw, write = _canvas(width, height, font)
     for m, r in enumerate(runs):
         write((pad + label_w - 8, top + (m + 0.5) * bar_h), r["method"], "rm")
-    for p, (title, bars) in enumerate(panels):
+    for p, (title, bars, whiskers) in enumerate(panels):
         left = pad + label_w + p * (panel_w + pad)
-        # each bar's segment ends, from 0: the panel's scale spans them all
+        # each bar's segment ends, from 0, and its whisker: the panel's scale spans them all
         ends = [list(accumulate((v or 0.0 for v, _ in bar), initial=0.0)) for bar in bars]
-        low, high = min(min(e) for e in ends), max(max(e) for e in ends)
+        spans = [e + list(w or ()) for e, w in zip(ends, whiskers)]
+        low, high = min(min(e) for e in spans), max(max(e) for e in spans)
         scale = (panel_w - 80) / (high - low if high > low else 1.0)
 
         def x(value):
@@ -1028,11 +1032,20 @@ def _comparison_png(runs):
                 if value is not None:
                     draw.rectangle((min(x(a), x(b)), y, max(x(a), x(b)), y + bar_h - 8),
                                    fill=colour)
+            middle = y + (bar_h - 8) / 2
+            if whiskers[m]:   # the interval: a line with end caps across the bar
+                a, b = map(x, whiskers[m])
+                draw.line((a, middle, b, middle), fill="black")
+                draw.line((a, middle - 4, a, middle + 4), fill="black")
+                draw.line((b, middle - 4, b, middle + 4), fill="black")
             label = "-" if all(v is None for v, _ in bar) else f"{end[-1]:.1f}"
-            if end[-1] < 0:  # the label outside the bar's end
-                write((x(end[-1]) - 3, y + (bar_h - 8) / 2), label, "rm")
+            # the label outside the bar's end, and its whisker's
+            reach = [end[-1], *(whiskers[m] or ())]
+            outer = min(reach) if end[-1] < 0 else max(reach)
+            if end[-1] < 0:
+                write((x(outer) - 3, middle), label, "rm")
             else:
-                write((x(end[-1]) + 3, y + (bar_h - 8) / 2), label, "lm")
+                write((x(outer) + 3, middle), label, "lm")
     left = width - pad - sum(font.getlength(name) + 30 for name in legend)
     for name, colour in legend.items():
         draw.rectangle((left, height - pad - 12, left + 10, height - pad - 2), fill=colour)

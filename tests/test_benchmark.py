@@ -11,7 +11,7 @@ import benchmark
 
 def test_readme_table_is_made_from_docs_results():
     readme = benchmark.README.read_text()
-    assert [m[1] for m in benchmark.BLOCK.findall(readme)] == ["coin"], "the README's headline table is its one block"
+    assert [m[1] for m in benchmark.BLOCK.findall(readme)] == ["claims", "coin"], "the README's blocks"
     assert benchmark.with_tables(readme, benchmark.tables()) == readme, \
         "the README's table differs from docs/results: run python tests/benchmark.py --tables"
 
@@ -31,7 +31,7 @@ def test_results_page_lines_are_readable():
 
 def results(diagonal, seconds=60.0):
     """A two-task run's results.json, as far as the tables read it."""
-    return {"method": "lora", "tasks": ["scienceqa", "textvqa"], "seconds": seconds,
+    return {"method": "lora", "tasks": ["scienceqa", "textvqa"], "seconds": seconds, "metrics": {},
             "matrix": [[0, 0], [diagonal[0], 0], [50, diagonal[1]]]}
 
 
@@ -150,8 +150,10 @@ def test_test_items_are_read_from_the_saved_predictions(tmp_path):
     save("stage2", "scienceqa", ["It is B", "A"], ["A", "A"])
     save("stage2", "textvqa", ["SUN", "The sign says MAP."], ["sun", "map"])
     save("stage2", "vizwiz", ["no"], ["yes"])
+    save("fewshot-5", "places365", ["grid", "dots"], ["grid", "grid"])
+    save("fewshot-5-fresh", "places365", ["dots", "dots"], ["grid", "grid"])
     results = {"tasks": ["scienceqa", "textvqa"], "matrix": [[0, 0], [50, 0], [50, 50]],
-               "unseen": {"tasks": ["vizwiz"]}}
+               "unseen": {"tasks": ["vizwiz"]}, "fewshot": {"places365": {"5": {}}}}
     items = benchmark.test_items(tmp_path, results)
     # ScienceQA: right after learning A right, B wrong; at the end "It is B" (wrong, out of format,
     # knows B: not the answer) and "A"
@@ -160,7 +162,8 @@ def test_test_items_are_read_from_the_saved_predictions(tmp_path):
     # TextVQA, learned last: right after learning is the end; a sentence is out of format but known
     assert items["tasks"]["textvqa"] == {"after": [100.0, 0.0], "final": [100.0, 0.0], "follows": "10",
                                          "known": [1.0, 1.0]}
-    assert items["unseen"] == {"vizwiz": [0.0]} and items["fewshot"] == {}
+    assert items["unseen"] == {"vizwiz": [0.0]}
+    assert items["fewshot"] == {"places365": {"5": {"final": [100.0, 0.0], "fresh": [0.0, 0.0]}}}
 
 
 def test_a_rate_chosen_at_an_edge_of_those_tried_brings_the_next_step_past_it():
@@ -172,3 +175,120 @@ def test_a_rate_chosen_at_an_edge_of_those_tried_brings_the_next_step_past_it():
     assert try_next({1e-3: 60, 2e-3: 50, 5e-3: 40, 5e-4: 61, 2e-4: 62}) == [2e-4, 5e-4, 1e-3, 2e-3, 5e-3]
     assert try_next({1e-3: 40, 2e-3: 50, 5e-3: 55, 1e-2: 56, 2e-2: 57}) == [1e-3, 2e-3, 5e-3, 1e-2, 2e-2]
     assert benchmark.best_rate({1e-3: 50, 2e-3: 50}) == 1e-3                       # a tie: the lower
+
+
+@pytest.fixture
+def gated(toy, tmp_path, monkeypatch):
+    """The toy's two rows gated on its two tasks: alone, DirLoRA scores ScienceQA 80 and 90 (85), TextVQA 100 and
+    100; SeqLoRA 80 and 70 (75, under 90% of 85: fails) and 95 and 85 (90: passes)."""
+    monkeypatch.setitem(benchmark.smolora.TASK_LISTS, "toy", ("scienceqa", "textvqa"))
+    monkeypatch.setitem(benchmark.GATED_BY, "toy", "toy")
+    rates = {"lora": (2e-3, {}), "dirlora": (1e-3, {})}
+    for folder, scores in {"lora-lr0.001": {"scienceqa": (80, 90), "textvqa": (100, 100)},
+                           "lora-lr0.002": {"scienceqa": (80, 70), "textvqa": (95, 85)}}.items():
+        for task, by_seed in scores.items():
+            for seed, score in zip(benchmark.GATE_SEEDS, by_seed):
+                path = benchmark.gate_path(folder, task, seed)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"matrix": [[0], [score]]}))
+    return rates
+
+
+def test_a_method_under_90_percent_of_dirlora_alone_fails_the_gate_and_is_shown_apart(gated):
+    assert benchmark.gate_failures("toy", gated) == {"lora": ["scienceqa"]}
+    assert benchmark.gate_table("toy", gated).splitlines()[2:] == [
+        "| DirLoRA, the reference | 85.0 | 100.0 | |", "| lora | **75.0** | 90.0 | no |"]
+    learned, note, failed = benchmark.main_table("toy", gated).split("\n\n")
+    assert "| dirlora |" in learned and "lora (not" not in learned and "not ranked" in note
+    assert failed.splitlines()[2].startswith("| lora (not: scienceqa) | 0.002 | 37.5 [")
+
+
+def test_gate_runs_are_shared_where_the_first_stage_trains_alike():
+    rates = {m: (1e-3, {}) for m in benchmark.smolora.METHODS}
+    jobs = benchmark.gate_jobs(rates)
+    folders = {path.parent.name for path in jobs}
+    # SeqLoRA, replay, EWC, DirLoRA: one run a task; O-LoRA at rank 32/8 in CoIN, 32/6 in SMoLoRA's sequence
+    assert folders == {"lora-lr0.001", "olora-lr0.001-r4", "olora-lr0.001-r5", "dora-lr0.001", "moelora-lr0.001",
+                       "smolora-lr0.001"}
+    flags = jobs[benchmark.gate_path("olora-lr0.001-r4", "gqa", 1)][0]
+    assert " ".join(flags).startswith("--method olora --lr 0.001 --r 4 --alpha 8 --tasks gqa --max-test 200 --seed 1")
+    # both seeds: CoIN's 8 tasks x 5 folders; SMoLoRA's Flickr30k x 4, and its 6 tasks for O-LoRA at rank 5
+    assert len(jobs) == 2 * (8 * 5 + 4 + 6)
+
+
+def test_claims_read_the_paired_test_and_the_gate(gated, monkeypatch):
+    monkeypatch.setattr(benchmark, "BASELINES", ["lora"])
+    claims = [("P", "DirLoRA beats SeqLoRA", ("toy", "dirlora", "AP"), ("toy", "lora", "AP"), "capacity"),
+              ("P", "SeqLoRA beats DirLoRA", ("toy", "lora", "AP"), ("toy", "dirlora", "AP"), "capacity"),
+              ("P", "DirLoRA beats the baselines", ("toy", "dirlora", "AP"), "baselines", ""),
+              ("P", "SeqLoRA forgets", ("toy", "lora", "BWT"), "zero", ""),
+              ("P", "not run", ("toy", "olora", "AP"), ("toy", "lora", "AP"), "")]
+    rows = [benchmark.claim_row(c, gated, "page.md").split(" | ") for c in claims]
+    # DirLoRA's AP 100 against SeqLoRA's 37.5, on the same items and seeds
+    assert rows[0][2:4] == ["holds", rows[0][3]] and rows[0][3].startswith("62.5 [") and rows[0][3].endswith(
+        "(minus lora)") and rows[0][4].startswith("better, p ") and rows[0][5] == " |"
+    assert rows[1][2] == "does not hold" and rows[1][3].startswith("-62.5 [") and rows[1][5] == "[capacity](page.md#capacity) |"
+    assert rows[2][2] == "holds" and rows[2][3].endswith("(minus lora)")
+    assert rows[3][2] == "not shown: lora failed the learning gate" and rows[3][3].startswith("50.0 [")
+    assert rows[4][2] == "not run yet"
+
+
+def test_sample_parameters_are_counted_by_hand_and_the_capacity_rows_match_the_others_nearest():
+    # LoRA r 32 on q, k, v, o (128 x 128), gate, up (128 -> 384), down (384 -> 128), 2 layers:
+    # 2 x (4 x 32 x 256 + 3 x 32 x 512) = 163,840. SMoLoRA: two experts of rank 32/8 = 4 a sample on gate, up,
+    # down and the projector's two 128 x 128 linears, 8 x (2 x 3 x 512 + 2 x 256) = 28,672, and the fusion
+    # vectors I_vu, I_if (out,) on each: 2 x 2 x (384 + 384 + 128) + 2 x (128 + 128) = 4,096
+    count = benchmark.sample_parameters
+    lora, smolora = count(("--method", "lora")), count(("--method", "smolora"))
+    assert (lora, smolora) == (163_840, 28_672 + 4_096)
+    per_rank = 2 * 3 * 512 + 2 * 256                   # one rank on SMoLoRA's linears
+    flags = benchmark.EXPERIMENTS["capacity"][1]
+    assert count(flags["lora r 9 on SMoLoRA's linears"]) == 9 * per_rank
+    assert count(flags["smolora, experts of rank 22"]) == 22 * 2 * per_rank + 4_096
+    assert all(abs(9 * per_rank - smolora) < abs(r * per_rank - smolora) for r in (8, 10))
+    assert all(abs(22 * 2 * per_rank + 4_096 - lora) < abs(r * 2 * per_rank + 4_096 - lora) for r in (21, 23))
+
+
+def fewshot_run(task, final, fresh, majority):
+    """A run's results and items with one unseen task (VizWiz, 0 and 100) and one task k-shot tuned (k = 5)."""
+    return ({"tasks": ["scienceqa"], "matrix": [[0], [50]], "fewshot": {task: {"5": {"majority": majority}}}},
+            {"tasks": {"scienceqa": {"final": [50.0, 50.0], "follows": "11", "known": [1, 1]}},
+             "unseen": {"vizwiz": [0.0, 100.0]}, "fewshot": {task: {"5": {"final": final, "fresh": fresh}}}})
+
+
+def save_runs(root, experiment, row, runs):
+    for seed, (results, items) in enumerate(runs):
+        (root / experiment / row).mkdir(parents=True, exist_ok=True)
+        (root / experiment / row / f"seed{seed}.json").write_text(json.dumps(results))
+        (root / experiment / row / f"seed{seed}-items.json").write_text(json.dumps(items))
+
+
+def test_few_shot_scores_from_final_and_fresh_adapters_and_the_majority_class(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmark, "RESULTS", tmp_path)
+    monkeypatch.setattr(benchmark, "EXPERIMENTS", {"toy": ((), {"lora": ("--method", "lora")})})
+    save_runs(tmp_path, "toy", "lora", [fewshot_run("places365", [100.0, 100.0], [0.0, 100.0], 32.5)] * 2)
+    header, _, lora, majority = benchmark.unseen_table("toy").splitlines()
+    assert header == "| method | vizwiz | places365 5-shot | places365 5-shot, from fresh |"
+    assert lora.startswith("| lora | 50.0 [0.0, 100.0] | 100.0 [100.0, 100.0] | 50.0 [")
+    assert majority == "| majority class | – | 32.5 | 32.5 |"
+
+
+def test_savings_are_relearning_from_the_final_adapters_minus_from_fresh_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmark, "RESULTS", tmp_path)
+    # ScienceQA relearned: from the final adapters 100 on both items, from fresh ones 0 and 100 -> savings 50
+    save_runs(tmp_path, "savings", "lora", [fewshot_run("scienceqa", [100.0, 100.0], [0.0, 100.0], 50.0)] * 2)
+    header, _, lora = benchmark.savings_table().splitlines()
+    cells = [c.strip() for c in lora.split("|")[1:-1]]
+    assert header.startswith("| method | seeds | final | 5-shot from final | 5-shot from fresh | savings |")
+    assert cells[:5] == ["lora", "2", "50.0 [50.0, 50.0]", "100.0 [100.0, 100.0]", "50.0 [0.0, 100.0]"]
+    assert cells[5].startswith("50.0 [0.0, 100.0]") and cells[6].startswith("tie, p ")
+
+
+def test_the_picture_draws_the_tables_means_and_intervals(toy, tmp_path):
+    run = benchmark.picture_run("toy", "lora")
+    table_ap = benchmark.main_table("toy", {}).splitlines()[2].split(" | ")[2]        # "37.5 [low, high]"
+    assert f"{run['metrics']['AP']:.1f} [{run['intervals']['AP'][0]:.1f}, {run['intervals']['AP'][1]:.1f}]" == table_ap
+    # the mean matrix [[80, 0], [50, 60]]: MAP (80 + (50 + 60) / 2) / 2, forgetting 80 - 50
+    assert (run["metrics"]["MAP"], run["metrics"]["forgetting"]) == (67.5, 30.0)
+    plain = benchmark.eval._comparison_png([{**run, "intervals": {}}])
+    assert benchmark.eval._comparison_png([run]) != plain            # the whiskers are drawn

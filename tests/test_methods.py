@@ -57,6 +57,18 @@ def test_each_method_runs_end_to_end(micro, method):
                                                                      for t in range(1, stages + 1)]
 
 
+def test_on_the_first_task_replay_ewc_and_dirlora_train_as_seqlora_does(micro):
+    """What lets the benchmark's learning gate share one run among them (benchmark.FIRST_STAGE_AS_LORA)."""
+    import benchmark
+    def first_stage(method):
+        return smolora.safetensors.torch.load_file(micro / "compare" / method / "adapters" / "stage1.safetensors")
+    lora = first_stage("lora")
+    for method in ("replay", "ewc", "dirlora"):
+        assert first_stage(method).keys() == lora.keys()
+        assert all(torch.equal(first_stage(method)[n], lora[n]) for n in lora), method
+    assert set(benchmark.FIRST_STAGE_AS_LORA) == {"lora", "replay", "ewc", "dirlora"}
+
+
 @pytest.mark.parametrize("method", ["replay", "ewc", "dirlora"])
 def test_what_a_method_adds_to_seqlora_acts_from_the_second_task(micro, method):
     """Same init, data and seed: stage 1 is SeqLoRA's exactly (no memory, no penalty, the first LoRA), stage 2 not."""
