@@ -44,6 +44,20 @@ CAPTION_PARAPHRASES = (
     "Summarise the scene in a single sentence.",
     "Tell what is in the picture with one whole sentence.",
     "Give a one-sentence description of the image.")
+# SMoLoRA's multi-type setting trains on 5 paraphrases per task family: these, none of them one of
+# the 5 held out (only words of the other strings, so the tokenizer reads each as whole words)
+PHRASE_TRAINING = (
+    "Answer with one word or a short phrase only.",
+    "Give a short phrase or a single word as your answer.",
+    "Reply to the question with a single word or phrase.",
+    "Just give one word or a short phrase.",
+    "Keep the answer to one word or a short phrase.")
+CAPTION_TRAINING = (
+    "Write a full sentence that describes the picture.",
+    "Describe the image with one complete sentence.",
+    "Tell me about the scene in one full sentence.",
+    "Please give one whole sentence about the picture.",
+    "Use one complete sentence to describe the scene.")
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,7 @@ class Task:
     answer_kind: str          # letter | phrase | bbox | caption
     scorer: str               # letter | vqa | exact | contains | iou | cider (eval.py)
     paraphrases: tuple        # 5 instructions of the same meaning and format, never trained on
+    training_paraphrases: tuple   # 5 more, trained on in the multi-type setting
     question: str = ""        # a fixed question, if any (imagenet, places365, the captions)
     folder: str = ""          # its folder in the CoIN release: playground/Instructions/<folder>
 
@@ -64,16 +79,23 @@ TASKS = {t.name: t for t in (
              "Choose one option and answer with its letter alone.",
              "Give only the letter of the right choice.",
              "Select the correct choice and respond with just its letter.",
-             "Answer with a single option letter from the choices."), folder="ScienceQA"),
-    Task("textvqa", PHRASE, "phrase", "vqa", PHRASE_PARAPHRASES, folder="TextVQA"),
-    Task("imagenet", PHRASE, "phrase", "contains", PHRASE_PARAPHRASES,
+             "Answer with a single option letter from the choices."), (
+             "Answer with the letter of the correct choice only.",
+             "Give just the letter of the correct option.",
+             "Select one of the choices and reply with its letter.",
+             "Choose the right option and give its letter only.",
+             "Respond with the letter of the option that is correct."), folder="ScienceQA"),
+    Task("textvqa", PHRASE, "phrase", "vqa", PHRASE_PARAPHRASES, PHRASE_TRAINING, folder="TextVQA"),
+    Task("imagenet", PHRASE, "phrase", "contains", PHRASE_PARAPHRASES, PHRASE_TRAINING,
          question="What is the object in the image?", folder="ImageNet"),
-    Task("gqa", PHRASE, "phrase", "exact", PHRASE_PARAPHRASES, folder="GQA"),
+    Task("gqa", PHRASE, "phrase", "exact", PHRASE_PARAPHRASES, PHRASE_TRAINING, folder="GQA"),
     Task("vizwiz",
          "When the provided information is insufficient, respond with 'Unanswerable'.\n" + PHRASE,
          "phrase", "exact",
          tuple("If the image does not let you answer, reply 'Unanswerable'.\n" + p
                for p in PHRASE_PARAPHRASES),
+         tuple("When the image does not give the answer, reply 'Unanswerable'.\n" + p
+               for p in PHRASE_TRAINING),
          folder="VizWiz"),
     Task("grounding",
          "Please provide the bounding box coordinate of the region this sentence describes:",
@@ -82,15 +104,20 @@ TASKS = {t.name: t for t in (
              "Output the box coordinates of the area this phrase refers to:",
              "Locate the region this sentence describes and give its bounding box:",
              "Return the bounding box coordinates for the region described here:",
-             "Find the region matching this description and answer with its box:"),
+             "Find the region matching this description and answer with its box:"), (
+             "Give the box coordinates of the region this sentence describes:",
+             "Output the bounding box of the area described by this sentence:",
+             "Find the area this sentence refers to and give its box:",
+             "Locate the region described here and give its bounding box:",
+             "Return the box of the region matching this sentence:"),
          folder="Grounding"),
-    Task("vqav2", PHRASE, "phrase", "vqa", PHRASE_PARAPHRASES, folder="VQAv2"),
-    Task("ocrvqa", PHRASE, "phrase", "exact", PHRASE_PARAPHRASES, folder="OCRVQA"),
-    Task("flickr30k", CAPTION, "caption", "cider", CAPTION_PARAPHRASES,
+    Task("vqav2", PHRASE, "phrase", "vqa", PHRASE_PARAPHRASES, PHRASE_TRAINING, folder="VQAv2"),
+    Task("ocrvqa", PHRASE, "phrase", "exact", PHRASE_PARAPHRASES, PHRASE_TRAINING, folder="OCRVQA"),
+    Task("flickr30k", CAPTION, "caption", "cider", CAPTION_PARAPHRASES, CAPTION_TRAINING,
          question="What is happening in the presented picture?", folder="Flickr30k"),
-    Task("places365", PHRASE, "phrase", "exact", PHRASE_PARAPHRASES,
+    Task("places365", PHRASE, "phrase", "exact", PHRASE_PARAPHRASES, PHRASE_TRAINING,
          question="What is the background of the image?", folder="Places365"),
-    Task("textcaps", CAPTION, "caption", "cider", CAPTION_PARAPHRASES,
+    Task("textcaps", CAPTION, "caption", "cider", CAPTION_PARAPHRASES, CAPTION_TRAINING,
          question="What is happening in the presented picture?", folder="TextCaps"),
 )}
 
@@ -119,6 +146,14 @@ def canonical_instruction(task):
     them."""
     task = TASKS[task]
     return compose_text(task, task.question) if task.question else task.instruction
+
+
+def training_wordings(task):
+    """canonical_instruction with each of the task's 5 training paraphrases for its instruction:
+    the official multi-type code routes a task on the mean of their embeddings."""
+    task = TASKS[task]
+    return [canonical_instruction(task.name).replace(task.instruction, p)
+            for p in task.training_paraphrases]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -790,12 +825,13 @@ def load_records(root, task, split, instructions="default", image_root=None):
     """Records {"id", "image" (absolute path), "text" (question + instruction, no <image>),
     "instruction" (its substring of text), "answer" (train: the gpt turn; test: a str, a list of
     human answers or a box of 4 floats)}. instructions="diverse" swaps each record's instruction
-    for one of the task's 5 paraphrases."""
+    for one of the task's 5 held-out paraphrases, "paraphrased" for one of its 5 training ones."""
     task = get_task(task)
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r}; known: train, test")
-    if instructions not in ("default", "diverse"):
-        raise ValueError(f"unknown instructions {instructions!r}; known: default, diverse")
+    if instructions not in ("default", "diverse", "paraphrased"):
+        raise ValueError(f"unknown instructions {instructions!r}; known: default, diverse, "
+                         f"paraphrased")
     folder = os.path.join(root, task.name)
     if not os.path.isdir(folder) and os.path.isdir(os.path.join(root, task.folder)):
         folder = os.path.join(root, task.folder)
@@ -855,8 +891,9 @@ def parse_record(task, path, index, record, split, instructions, image_root):
     text = text.replace("<image>", "").strip()
     start, end = find_instruction(task, text)
     instruction = text[start:end]
-    if instructions == "diverse":
-        instruction = task.paraphrases[zlib.crc32(record_id.encode()) % len(task.paraphrases)]
+    if instructions != "default":
+        wordings = task.paraphrases if instructions == "diverse" else task.training_paraphrases
+        instruction = wordings[zlib.crc32(record_id.encode()) % len(wordings)]
         text = text[:start] + instruction + text[end:]
     return {"id": record_id, "image": image, "text": text, "instruction": instruction,
             "answer": answer}
@@ -865,7 +902,8 @@ def parse_record(task, path, index, record, split, instructions, image_root):
 def find_instruction(task, text):
     """(start, end) of the instruction in text: the last place one of the task's known templates
     occurs (grounding's comes before the expression), else the text's last line."""
-    for template in sorted((task.instruction, *task.paraphrases), key=len, reverse=True):
+    templates = (task.instruction, *task.paraphrases, *task.training_paraphrases)
+    for template in sorted(templates, key=len, reverse=True):
         start = text.rfind(template)
         if start >= 0:
             return start, start + len(template)

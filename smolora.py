@@ -403,15 +403,19 @@ def embed_instructions(model, processor, strings, encoder=None):
 
 def with_instruction_embeddings(records, task, cfg, embed):
     """The records with the f(X_ins) their IF router reads ("ins_embedding"), unless it is read from
-    the prompt (default). --if-routing task: the task's canonical instruction (the official oracle);
-    --ins-encoder: the sample's own."""
-    if cfg.if_routing != "task" and not cfg.ins_encoder:
+    the prompt (default). --if-routing task: one vector for the task whatever a sample's wording (the
+    official oracle): its canonical instruction's, or trained on paraphrases the mean of its 5
+    training wordings' (the official multi-type code's); --ins-encoder: the sample's own."""
+    if cfg.if_routing == "task":
+        wordings = (data.training_wordings(task) if cfg.train_instructions == "paraphrased"
+                    else [data.canonical_instruction(task)])
+        vector = embed(wordings).mean(dim=0)                                # (d,)
+        return [{**r, "ins_embedding": vector} for r in records]
+    if not cfg.ins_encoder:
         return records
-    keys = [data.canonical_instruction(task) if cfg.if_routing == "task" else r["instruction"]
-            for r in records]
-    strings = sorted(set(keys))
+    strings = sorted({r["instruction"] for r in records})
     table = dict(zip(strings, embed(strings)))            # one tensor per distinct string, shared
-    return [{**r, "ins_embedding": table[key]} for r, key in zip(records, keys)]
+    return [{**r, "ins_embedding": table[r["instruction"]]} for r in records]
 
 
 def set_routing(model, mask, ins):
@@ -800,6 +804,9 @@ class Config:
                         "(not in AP)")
     instructions: str = knob("default", "diverse: evaluate with paraphrased instructions never "
                              "trained on", choices=("default", "diverse"))
+    train_instructions: str = knob("default", "paraphrased: train on 5 paraphrased instructions "
+                                   "per task, none of them --instructions diverse's (SMoLoRA's "
+                                   "multi-type setting)", choices=("default", "paraphrased"))
     fewshot: dict = knob({}, "TASK:K[,K...]: after the last stage, tune K examples per class of a "
                          "task, from the final adapters and from fresh ones, at least 20 steps; "
                          "evaluate it apart", action="append")
@@ -866,7 +873,8 @@ class Config:
                        self.if_routing == "task" and "task-routing",
                        self.ins_encoder and "encoder"] if self.method == "smolora" else []
             layers = self.layers != "own" and f"{self.layers}-layers"
-            name = [self.method, *filter(None, [*variant, layers]), *self.tasks]
+            wording = self.train_instructions != "default" and self.train_instructions
+            name = [self.method, *filter(None, [*variant, layers, wording]), *self.tasks]
             self.out = f"runs/{'-'.join(name)}"
 
 
@@ -1027,7 +1035,7 @@ def open_run(cfg, progress=True):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     embed = partial(embed_instructions, model, processor, encoder=encoder)
     fewshot = list(cfg.fewshot)
-    train = {t: load_task(data_root, t, "train", cfg.max_train, cfg, embed)
+    train = {t: load_task(data_root, t, "train", cfg.max_train, cfg, embed, cfg.train_instructions)
              for t in cfg.tasks + fewshot}
     test = {t: load_task(data_root, t, "test", cfg.max_test, cfg, embed, cfg.instructions)
             for t in dict.fromkeys(cfg.tasks + cfg.unseen + fewshot)}
@@ -1035,9 +1043,12 @@ def open_run(cfg, progress=True):
     parts = cfg.smolora_parts
     notes = [METHODS[cfg.method].notes,   # and SMoLoRA's knobs where they leave the paper's method
              parts not in (None, "vu,if,fusion") and f"ablation: parts {parts}",
-             cfg.if_routing == "task" and "the IF router reads each task's canonical instruction, "
-                                          "by its identity (an oracle, as officially)",
-             cfg.ins_encoder and f"f(X_ins) by the sentence encoder {cfg.ins_encoder}"]
+             cfg.if_routing == "task" and "the IF router reads one vector per task, by its "
+                                          "identity (an oracle, as officially)",
+             cfg.ins_encoder and f"f(X_ins) by the sentence encoder {cfg.ins_encoder}",
+             cfg.train_instructions == "paraphrased" and "trained on 5 paraphrased instructions "
+                                                         "per task (multi-type)",
+             cfg.layers != "own" and f"adapters on {cfg.layers}'s linears"]
     results = {"method": cfg.method, **empty_tables(cfg.tasks, stages), "config": asdict(cfg),
                "stages": stages, "notes": "; ".join(filter(None, notes)), "seconds": None,
                **({"unseen": empty_tables(cfg.unseen, stages)} if cfg.unseen else {})}

@@ -12,7 +12,7 @@ The protocol (docs/results/README.md states it beside the tables):
 2. The learning gate (gate_jobs): every sequential method trained on each task alone, its first stage, on
    GATE_SEEDS; under GATE_SHARE of DirLoRA's score on a task, its forgetting is shown apart, not ranked.
 3. Every row of every experiment runs on SEEDS at its rate (the experiments that test a "why", savings, capacity
-   and rate, on WHY_SEEDS). The seed moves adapter init, data order and dropout; the synthetic data is the same for
+   paraphrase and rate, on WHY_SEEDS). The seed moves adapter init, data order and dropout; the synthetic data is the same for
    all (the one made with seed 0).
 4. A finished run's results.json is copied at once to docs/results/<experiment>/<row>/seed<k>.json, its test
    items (test_items) beside it, SMoLoRA's routing.md too, so an interrupted benchmark loses at most the run under
@@ -98,12 +98,16 @@ EXPERIMENTS = {
                  {"smolora, experts of rank 22": ("--method", "smolora", "--r", "176", "--alpha", "352"),
                   "lora r 9 on SMoLoRA's linears": ("--method", "lora", "--layers", "smolora", "--r", "9",
                                                     "--alpha", "18")}),
+    # SMoLoRA's paraphrase claim in its official multi-type setting: trained on 5 paraphrases a task, the IF router
+    # reading each sample's wording (ours) or one vector a task, the mean of its 5 (official), evaluated on 5 others
+    "paraphrase": (("--tasks", "smolora", "--train-instructions", "paraphrased", "--instructions", "diverse"),
+                   {**rows(["lora", "smolora"]), "smolora, task routing": ("--method", "smolora", "--if-routing", "task")}),
     # MoELoRA against LoRA at one rate, each at the other's
     "rate": (("--tasks", "coin"), {"lora at moelora's rate": ("--method", "lora"),
                                    "moelora at lora's rate": ("--method", "moelora")}),
 }
 MAIN = ("coin", "smolora", "diverse", "ablation")   # the papers' tables; the rest test a "why"
-EXPERIMENT_SEEDS = {"savings": WHY_SEEDS, "capacity": WHY_SEEDS, "rate": WHY_SEEDS}
+EXPERIMENT_SEEDS = {"savings": WHY_SEEDS, "capacity": WHY_SEEDS, "paraphrase": WHY_SEEDS, "rate": WHY_SEEDS}
 RATE_OF = {"rate": {"lora at moelora's rate": "moelora", "moelora at lora's rate": "lora"}}
 
 
@@ -680,6 +684,25 @@ def capacity_table(rates):
         "\n\n" + table(("AP", "difference", "test"), tests) if tests else "")
 
 
+def paraphrase_table():
+    """On held-out wordings (WHY_SEEDS): LoRA and SMoLoRA trained on one wording (the reworded table's) and on 5
+    paraphrases a task, each SMoLoRA with its IF router reading the sample or the task; AP and MIF, then SMoLoRA
+    minus LoRA in each training and the task's routing minus the sample's."""
+    found = {f"{row}, {training}": (experiment, row) for training, experiment in
+             (("one wording", "diverse"), ("paraphrased", "paraphrase"))
+             for row in ("lora", "smolora", "smolora, task routing")}
+    runs = {row: items_of(*where, seeds=WHY_SEEDS) for row, where in found.items()}
+    columns = ["AP", "MIF"]
+    lines = [f"| {row} | " + " | ".join(row_cells(runs[row], columns)) + " |" for row in found if runs[row]]
+    pairs = [(f"smolora, {t}", f"lora, {t}") for t in ("one wording", "paraphrased")]
+    pairs += [(f"smolora, task routing, {t}", f"smolora, {t}") for t in ("one wording", "paraphrased")]
+    tests = [f"| {a} minus {b} | " + " | ".join(f"{interval(difference(runs[a], runs[b], c))}, "
+                                                f"{tested(difference(runs[a], runs[b], c))}" for c in columns) + " |"
+             for a, b in pairs if runs[a] and runs[b] and len(runs[a]) == len(runs[b])]
+    return table(("trained on, evaluated on held-out wordings", *columns), lines) + (
+        "\n\n" + table(("difference", *columns), tests) if tests else "")
+
+
 def rate_table(rates):
     """LoRA and MoELoRA of the CoIN table and each at the other's rate (WHY_SEEDS): AP, BWT, MIF; then, at each
     rate, MoELoRA minus LoRA with its paired test."""
@@ -722,7 +745,7 @@ CLAIMS = [
     ("SMoLoRA", "SMoLoRA learns a new task from few examples better (Places365)",
      ("smolora", "smolora", "fewshot/final"), "baselines", "capacity"),
     ("SMoLoRA", "SMoLoRA keeps its lead under reworded instructions (AP)", ("diverse", "smolora", "AP"),
-     ("diverse", "lora", "AP"), ""),
+     ("diverse", "lora", "AP"), "paraphrases"),
     ("SMoLoRA", "Ablation: the IF pool alone beats the VU pool alone (AP)", ("ablation", "if, sample", "AP"),
      ("ablation", "vu, sample", "AP"), ""),
     ("SMoLoRA", "Ablation: both pools beat the IF pool alone (AP)", ("ablation", "vu,if, sample", "AP"),
@@ -824,6 +847,7 @@ def results_blocks():
               "resamples": f"{RESAMPLES:,}", "claims": claims_table(rates),
               "coin-gate": gate_table("coin", rates), "smolora-gate": gate_table("smolora", rates),
               "savings": savings_table(), "capacity": capacity_table(rates), "rate": rate_table(rates),
+              "paraphrase": paraphrase_table(),
               "routing": routing_tables(RESULTS / "coin" / "smolora" / "seed0-routing.md")}
     for experiment in MAIN:
         blocks[experiment] = main_table(experiment, rates)
@@ -891,8 +915,9 @@ python tests/benchmark.py --tables    # only rewrites the tables, this page and 
 - **Few-shot.** Tuning on k examples per class takes the fewest whole epochs that make 20 optimizer steps, from
   the final adapters and, beside it, from fresh ones; the majority class (every item given the answer most
   items accept) is printed under it.
-- **Why, by experiment.** Each "why" below is its own experiment on three seeds (0 to 2), compared with the
-  same seeds of the main tables' rows.
+- **Why, by experiment.** Each "why" below (savings, capacity, paraphrases, rate or mixture) is its own
+  experiment on three seeds (0 to 2), compared with the same seeds of the main tables' rows, each row at its
+  method's rate.
 - **Evaluations from saved adapters.** The reworded-instruction rows and the ablation's full-method row train
   exactly like a row of another table (`SAME_TRAINING` in the script): they take its stage adapters and only
   evaluate.
@@ -992,6 +1017,15 @@ the MLP and the projector: far fewer parameters than LoRA's on every linear. On 
 with experts large enough to match LoRA's count, and LoRA cut to SMoLoRA's count and linears:
 
 {{capacity}}
+
+## Paraphrases
+
+SMoLoRA's paper trains its multi-type setting on 5 paraphrased instructions per task, and its official code
+routes each task on one vector, the mean of its 5 paraphrases' embeddings. Here, on SMoLoRA's 6 tasks, LoRA and
+SMoLoRA trained on one wording (the reworded table's runs) and on 5 paraphrases a task, SMoLoRA's IF router
+reading each sample's wording or its task's vector, all evaluated on 5 other wordings never trained on:
+
+{{paraphrase}}
 
 ## Rate or mixture
 

@@ -153,6 +153,25 @@ def test_diverse_instructions_swap_only_the_instruction(synthetic):
             assert diverse["answer"] == plain["answer"]
 
 
+def test_training_paraphrases_are_five_new_wordings_read_as_whole_words(synthetic):
+    vocabulary = set(data.vocabulary_words())
+    for name, task in data.TASKS.items():
+        trained = task.training_paraphrases
+        assert len(set(trained)) == 5 and not set(trained) & {task.instruction, *task.paraphrases}, name
+        # no word the tokenizer would spell by character: the base built from it is unchanged
+        assert {w for p in trained for w in re.findall(r"[A-Za-z]+", p)} <= vocabulary, name
+    for name in ("scienceqa", "vizwiz", "grounding", "flickr30k"):
+        task = data.TASKS[name]
+        for plain, trained in zip(data.load_records(synthetic, name, "train"),
+                                  data.load_records(synthetic, name, "train", instructions="paraphrased")):
+            assert trained["instruction"] in task.training_paraphrases
+            assert trained["text"].replace(trained["instruction"], task.instruction) == plain["text"]
+        used = {r["instruction"] for r in data.load_records(synthetic, name, "train", instructions="paraphrased")}
+        assert len(used) > 1
+    assert data.training_wordings("imagenet")[0] == ("What is the object in the image?\n"
+                                                     "Answer with one word or a short phrase only.")
+
+
 # ---------------------------------------------------------------- answers vs scenes
 
 def pixels(image):

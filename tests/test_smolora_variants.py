@@ -211,6 +211,20 @@ def test_task_routing_sends_every_wording_of_a_task_to_one_if_expert(micro):
                                                embed) is records
 
 
+def test_task_routing_trained_on_paraphrases_reads_the_mean_of_the_five_training_wordings(micro):
+    """The official multi-type setting: one vector per task, the mean of its 5 paraphrases' embeddings."""
+    model, processor = smolora.load_model(micro / "model")
+    embed = lambda strings: smolora.embed_instructions(model, processor, strings)     # noqa: E731
+    cfg = smolora.Config(tasks="scienceqa", if_routing="task", train_instructions="paraphrased")
+    records = data.load_records(micro / "data", "places365", "test", "diverse")
+    tagged = smolora.with_instruction_embeddings(records, "places365", cfg, embed)
+    wordings = [f"What is the background of the image?\n{p}" for p in data.PHRASE_TRAINING]
+    mean = sum(embed([w])[0] for w in wordings) / 5
+    assert all(torch.allclose(r["ins_embedding"], mean, atol=1e-6) for r in tagged)
+    assert smolora.parse_configs(["--tasks", "gqa", "--train-instructions", "paraphrased"])[0].out == \
+        "runs/smolora-paraphrased-gqa"
+
+
 def test_the_sentence_encoder_is_mean_pooled_over_its_tokens(micro):
     model, processor = smolora.load_model(micro / "model")
     encoder = smolora.load_encoder(micro / "bert")
