@@ -970,8 +970,9 @@ O-LoRA has another rank); in bold under 90% of DirLoRA's.
 
 {{smolora-learned}}
 
-The unseen tasks, never trained, after the last stage; Places365 after tuning one epoch on 5 and on 10
-examples per class, from the final adapters (neither is in AP):
+The unseen tasks, never trained, after the last stage; Places365 after tuning on 5 and on 10 examples per
+class (at least 20 steps), from the final adapters and from fresh ones, the majority class below (none is in
+AP):
 
 {{smolora-unseen}}
 
