@@ -1194,6 +1194,9 @@ def prepare_out(cfg):
     out = Path(cfg.out)
     saved, config = out / "results.json", asdict(cfg)
     old = json.loads(saved.read_text()).get("config") or {} if saved.exists() else config
+    # a knob the saved run lacks came after it: that run had the knob's default
+    old = {**{f.name: None if f.metadata.get("owner") not in (None, cfg.method) else f.default
+              for f in fields(cfg) if f.default is not MISSING}, **old}
     differs = [k for k in config if k not in RUN_PLACE and old.get(k) != config[k]]
     if differs:
         raise ValueError(f"--out {out} holds a different run "

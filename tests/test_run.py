@@ -204,6 +204,17 @@ def test_out_folder_of_another_run_is_refused(micro, tmp_path, capsys):
     assert (out / "results.json").read_text() == before
 
 
+def test_a_run_saved_before_a_knob_existed_resumes_as_if_it_had_the_default(micro, tmp_path, capsys):
+    out = tmp_path / "run"
+    smolora.main(run_args(micro, out, "lora"))
+    saved = json.loads((out / "results.json").read_text())
+    del saved["config"]["layers"], saved["config"]["replay_ratio"]     # lora's replay_ratio is None
+    (out / "results.json").write_text(json.dumps(saved))
+    smolora.main(run_args(micro, out, "lora", "--resume"))
+    message = exits_with_2(run_args(micro, out, "lora", "--resume", "--layers", "smolora"), capsys)
+    assert "different run" in message and "layers='own'" in message
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(micro, tmp_path, monkeypatch, capsys):
     real, calls = LlavaForConditionalGeneration.forward, []
 
