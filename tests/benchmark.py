@@ -759,9 +759,13 @@ def claim_row(claim, rates, page):
     """The claims table's line for one claim: the verdict, the evidence (the paired difference, side claimed higher
     minus the other, with its interval), the test, and where it does not hold the experiment that says why."""
     paper, text, (experiment, row, column), other, why = claim
-    runs = items_of(experiment, row)
-    if other == "baselines":
-        scored = {m: per_item(items_of(experiment, m), column) for m in BASELINES if items_of(experiment, m)}
+    runs, forgetting = items_of(experiment, row), column in ("BWT", *eval.SPLIT)
+    failed = gate_failures(GATED_BY[experiment], rates) if experiment in GATED_BY else {}
+    if other == "baselines":     # forgetting: of the baselines that learned (passed the gate)
+        scored = {m: per_item(items_of(experiment, m), column) for m in BASELINES
+                  if items_of(experiment, m) and not (forgetting and m in failed)}
+        if forgetting and runs and not scored and any(items_of(experiment, m) for m in BASELINES):
+            return f"| {paper} | {text} | not shown: no baseline passed the learning gate | | | |"
         best = max(scored, key=lambda m: np.mean([v.mean() for v in scored[m]]), default=None)
         other = best and (experiment, best, column)
     theirs = other not in (None, "zero") and items_of(*other[:2])
@@ -774,9 +778,8 @@ def claim_row(claim, rates, page):
         stats = bootstrap([a - b for a, b in zip(mine, per_item(theirs, other[2]))])
         against = f"minus {other[1] if other[:2] != (experiment, row) else COLUMN_NAMES.get(other[2], other[2])}"
     said = {"better": "holds", "worse": "does not hold", "tie": "not shown"}[verdict(stats)]
-    failed = gate_failures(GATED_BY[experiment], rates) if experiment in GATED_BY else {}
     unlearned = [m for m in dict.fromkeys((row, other != "zero" and other[1])) if m in failed]
-    if column in ("BWT", *eval.SPLIT) and unlearned:
+    if forgetting and unlearned:
         said = f"not shown: {', '.join(unlearned)} failed the learning gate"
     reason = f"[{why.replace('-', ' ')}]({page}#{why})" if why and said != "holds" else ""
     return f"| {paper} | {text} | {said} | {interval(stats)} ({against}) | {tested(stats)} | {reason} |"

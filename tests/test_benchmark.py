@@ -222,7 +222,8 @@ def test_claims_read_the_paired_test_and_the_gate(gated, monkeypatch):
               ("P", "SeqLoRA beats DirLoRA", ("toy", "lora", "AP"), ("toy", "dirlora", "AP"), "capacity"),
               ("P", "DirLoRA beats the baselines", ("toy", "dirlora", "AP"), "baselines", ""),
               ("P", "SeqLoRA forgets", ("toy", "lora", "BWT"), "zero", ""),
-              ("P", "not run", ("toy", "olora", "AP"), ("toy", "lora", "AP"), "")]
+              ("P", "not run", ("toy", "olora", "AP"), ("toy", "lora", "AP"), ""),
+              ("P", "DirLoRA forgets less than the baselines", ("toy", "dirlora", "BWT"), "baselines", "")]
     rows = [benchmark.claim_row(c, gated, "page.md").split(" | ") for c in claims]
     # DirLoRA's AP 100 against SeqLoRA's 37.5, on the same items and seeds
     assert rows[0][2:4] == ["holds", rows[0][3]] and rows[0][3].startswith("62.5 [") and rows[0][3].endswith(
@@ -231,6 +232,7 @@ def test_claims_read_the_paired_test_and_the_gate(gated, monkeypatch):
     assert rows[2][2] == "holds" and rows[2][3].endswith("(minus lora)")
     assert rows[3][2] == "not shown: lora failed the learning gate" and rows[3][3].startswith("50.0 [")
     assert rows[4][2] == "not run yet"
+    assert rows[5][2] == "not shown: no baseline passed the learning gate"       # SeqLoRA, the one, failed it
 
 
 def test_sample_parameters_are_counted_by_hand_and_the_capacity_rows_match_the_others_nearest():
