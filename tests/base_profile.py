@@ -12,7 +12,7 @@ answers questions in free sentences, but not in each task's asked form. So shoul
 - every task can still be learned: DirLoRA (a fresh LoRA on the task alone, at the default learning
   rate or one below it) reaches at least 80% of the task's ceiling (100; a caption task's: the CIDEr
   of its own reference, 1000 here).
-README.md's table is made from the JSON (profile_table); tests/test_testbed.py checks it.
+docs/testbed.md's table is made from the JSON (profile_table); tests/test_testbed.py checks it.
 """
 import argparse
 import json
@@ -105,7 +105,7 @@ def ceiling(task):
 
 
 def profile_table(profile):
-    """The README's table, from the profile's JSON."""
+    """docs/testbed.md's table, from the profile's JSON."""
     lines = ["| task | score | MIF | GK | DirLoRA alone, at lr " + " / ".join(map(str, RATES))
              + " | its best, of the ceiling |", "|---|---:|---:|---:|---:|---:|"]
     for task, row in profile["tasks"].items():

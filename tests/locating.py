@@ -1,6 +1,6 @@
 """Why the tiny base does not locate: where, in its two stages, the knowledge of place is missing.
 
-    python tests/locating.py      # into docs/results/locating.json (resumable), then the README's table
+    python tests/locating.py      # into docs/results/locating.json (resumable), then docs/testbed.md's table
 
 DirLoRA learns four tasks to less than 80% of their ceiling (tests/base_profile.py), and the four ask where
 things are: Grounding's box, GQA's left-of and above, VQAv2's counts and colours among several small shapes,
@@ -86,7 +86,7 @@ def unfrozen_base():
 
 
 def locating_table(result):
-    """The README's two tables, from the JSON."""
+    """docs/testbed.md's two tables, from the JSON."""
     steps = list(result["text_model"])
     lines = ["| asked of the scene written as text | " + " | ".join(
         f"stage 0 after {s} steps" for s in steps) + " |", "|---|" + "---:|" * len(steps)]

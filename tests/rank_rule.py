@@ -47,7 +47,7 @@ def chosen(scores):
 
 
 def rule_table(result):
-    """The README's table: at each r, each method's lowest share of LoRA's score over the tasks, and
+    """docs/testbed.md's table: at each r, each method's lowest share of LoRA's score over the tasks, and
     the task where it is lowest."""
     lines = ["| r | LoRA's mean score | " + " | ".join(METHODS[1:]) + " |",
              "|---:|---:|" + "---:|" * (len(METHODS) - 1)]

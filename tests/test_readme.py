@@ -130,8 +130,9 @@ def test_every_code_name_anywhere_in_the_readme_exists():
     names = [r for r in REFERENCE.findall(README) if not (ROOT / r).exists()]   # `smolora.py` is a file
     assert len(names) >= 20
     assert missing(names) == []
-    gpu = (ROOT / "docs" / "real-checkpoint.md").read_text()                 # the page it links to
-    assert "(docs/real-checkpoint.md)" in README and missing(REFERENCE.findall(gpu)) == []
+    for page in ("real-checkpoint.md", "testbed.md"):                         # the pages it links to
+        text = (ROOT / "docs" / page).read_text()
+        assert f"(docs/{page})" in README and missing(REFERENCE.findall(text)) == [], page
 
 
 def test_the_readme_reads_in_one_sitting():
