@@ -636,15 +636,13 @@ def gate_table(experiment, rates):
 def savings_table():
     """Each row's earlier CoIN tasks: their final score, then relearned from the final adapters and from fresh ones
     on SHOTS examples a class; the savings (final minus fresh) with its paired test."""
-    columns = ("AP", "fewshot/final", "fewshot/fresh")
     lines = []
     for row in EXPERIMENTS["savings"][1]:
-        runs = items_of("savings", row)
-        if runs:
-            earlier = [dict(r, tasks={t: r["tasks"][t] for t in r["fewshot"]}) for r in runs]   # the relearned
+        if runs := items_of("savings", row):
+            relearned = [dict(r, tasks={t: r["tasks"][t] for t in r["fewshot"]}) for r in runs]   # their AP: final
+            cells = row_cells(relearned, ["AP"]) + row_cells(runs, ["fewshot/final", "fewshot/fresh"])
             saved = bootstrap([a - b for a, b in zip(per_item(runs, "fewshot/final"), per_item(runs, "fewshot/fresh"))])
-            lines.append(f"| {row} | {len(runs)} | " + " | ".join(row_cells(earlier, columns[:1]) + row_cells(
-                runs, columns[1:])) + f" | {interval(saved)} | {tested(saved)} |")
+            lines.append(f"| {row} | {len(runs)} | {' | '.join(cells)} | {interval(saved)} | {tested(saved)} |")
     return table(("method", "seeds", "final", f"{SHOTS}-shot from final", f"{SHOTS}-shot from fresh",
                   "savings", "test"), lines)
 
