@@ -937,14 +937,18 @@ How to read the columns:
 
 A claim holds when its paired difference (the side claimed higher minus the other, over the same seeds and
 test items) is above 0 at p < 0.05; it does not hold when it is below 0 so; else it is not shown. Against
-"every continual baseline", the difference is taken with the baseline scoring highest on that column.
+"every continual baseline", the difference is taken with the baseline scoring highest on that column (on a
+forgetting column, of those that passed the learning gate).
 
 {{claims}}
 
 ## The learning rates
 
 Each method's and each ablation variant's validation MAP at each rate, the mean over the two
-validation seeds, and the rate chosen (a tie goes to the lower rate).
+validation seeds, and the rate chosen (a tie goes to the lower rate). A variant routing the IF pool by the
+task scores as the one routing it by the sample, to the bit: on these three tasks each sample's instruction
+is its task's canonical one (none has a fixed question), so both routers read the same vector. Of SMoLoRA's
+6 tasks, they read different vectors on ImageNet and Flickr30k alone, whose canonical string holds the question.
 
 {{rates}}
 
