@@ -612,9 +612,15 @@ def tested(stats):
     return f"{verdict(stats)}, p {f'< {1 / RESAMPLES:g}' if p == 0 else f'= {p:.3f}'}"
 
 
-def difference(runs, others, column):
-    """bootstrap() of the per-item difference of a column between two rows run on the same seeds and items."""
-    return bootstrap([a - b for a, b in zip(per_item(runs, column), per_item(others, column))])
+def difference(runs, others, column, other_column=None):
+    """bootstrap() of the per-item difference, runs' column minus others' (other_column, else the same), two rows run
+    on the same seeds and items."""
+    return bootstrap([a - b for a, b in zip(per_item(runs, column), per_item(others, other_column or column))])
+
+
+def compared(stats):
+    """A difference's cell: its mean and interval, its verdict and p."""
+    return f"{interval(stats)}, {tested(stats)}"
 
 
 def gate_table(experiment, rates):
@@ -641,7 +647,7 @@ def savings_table():
         if runs := items_of("savings", row):
             relearned = [dict(r, tasks={t: r["tasks"][t] for t in r["fewshot"]}) for r in runs]   # their AP: final
             cells = row_cells(relearned, ["AP"]) + row_cells(runs, ["fewshot/final", "fewshot/fresh"])
-            saved = bootstrap([a - b for a, b in zip(per_item(runs, "fewshot/final"), per_item(runs, "fewshot/fresh"))])
+            saved = difference(runs, runs, "fewshot/final", "fewshot/fresh")
             lines.append(f"| {row} | {len(runs)} | {' | '.join(cells)} | {interval(saved)} | {tested(saved)} |")
     return table(("method", "seeds", "final", f"{SHOTS}-shot from final", f"{SHOTS}-shot from fresh",
                   "savings", "test"), lines)
@@ -675,9 +681,9 @@ def capacity_table(rates):
     lines = [f"| {row} | {sample_parameters(EXPERIMENTS[where[0]][1][where[1]]):,} | "
              + " | ".join(row_cells(runs[row], columns)) + " |" for row, where in found.items() if runs[row]]
     against = {"smolora, experts of rank 22": "lora", "lora r 9 on SMoLoRA's linears": "smolora"}
-    tests = [f"| {row} minus {other} | " + interval(difference(runs[row], runs[other], "AP")) + " | "
-             + tested(difference(runs[row], runs[other], "AP")) + " |"
-             for row, other in against.items() if runs[row] and len(runs[row]) == len(runs[other])]
+    tests = [f"| {row} minus {other} | {interval(stats)} | {tested(stats)} |"
+             for row, other in against.items() if runs[row] and len(runs[row]) == len(runs[other])
+             for stats in [difference(runs[row], runs[other], "AP")]]
     return table(("row", "parameters a sample passes through", *columns), lines) + (
         "\n\n" + table(("AP", "difference", "test"), tests) if tests else "")
 
@@ -694,8 +700,7 @@ def paraphrase_table():
     lines = [f"| {row} | " + " | ".join(row_cells(runs[row], columns)) + " |" for row in found if runs[row]]
     pairs = [(f"smolora, {t}", f"lora, {t}") for t in ("one wording", "paraphrased")]
     pairs += [(f"smolora, task routing, {t}", f"smolora, {t}") for t in ("one wording", "paraphrased")]
-    tests = [f"| {a} minus {b} | " + " | ".join(f"{interval(difference(runs[a], runs[b], c))}, "
-                                                f"{tested(difference(runs[a], runs[b], c))}" for c in columns) + " |"
+    tests = [f"| {a} minus {b} | " + " | ".join(compared(difference(runs[a], runs[b], c)) for c in columns) + " |"
              for a, b in pairs if runs[a] and runs[b] and len(runs[a]) == len(runs[b])]
     return table(("trained on, evaluated on held-out wordings", *columns), lines) + (
         "\n\n" + table(("difference", *columns), tests) if tests else "")
@@ -712,8 +717,7 @@ def rate_table(rates):
     lines = [f"| {row} | {lr[row][0]:g} | " + " | ".join(row_cells(runs[row], columns)) + " |"
              for row in found if runs[row] and lr[row]]
     pairs = {"lora": ("moelora at lora's rate", "lora"), "moelora": ("moelora", "lora at moelora's rate")}
-    tests = [f"| {lr[at][0]:g} ({at}'s) | " + " | ".join(f"{interval(difference(runs[a], runs[b], c))}, "
-                                                        f"{tested(difference(runs[a], runs[b], c))}" for c in columns) + " |"
+    tests = [f"| {lr[at][0]:g} ({at}'s) | " + " | ".join(compared(difference(runs[a], runs[b], c)) for c in columns) + " |"
              for at, (a, b) in pairs.items() if runs[a] and runs[b] and len(runs[a]) == len(runs[b])]
     return table(("row", "lr", *columns), lines) + (
         "\n\n" + table(("MoELoRA minus LoRA at", *columns), tests) if tests else "")
@@ -769,11 +773,10 @@ def claim_row(claim, rates, page):
     theirs = other not in (None, "zero") and items_of(*other[:2])
     if not runs or (other != "zero" and (not theirs or len(theirs) != len(runs))):
         return f"| {paper} | {text} | not run yet | | | |"
-    mine = per_item(runs, column)
     if other == "zero":                              # claimed below 0: 0 minus it
-        stats, against = bootstrap([-v for v in mine]), "0 minus it"
+        stats, against = bootstrap([-v for v in per_item(runs, column)]), "0 minus it"
     else:
-        stats = bootstrap([a - b for a, b in zip(mine, per_item(theirs, other[2]))])
+        stats = difference(runs, theirs, column, other[2])
         against = f"minus {other[1] if other[:2] != (experiment, row) else COLUMN_NAMES.get(other[2], other[2])}"
     said = {"better": "holds", "worse": "does not hold", "tie": "not shown"}[verdict(stats)]
     unlearned = [m for m in dict.fromkeys((row, other != "zero" and other[1])) if m in failed]
