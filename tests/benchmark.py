@@ -14,6 +14,7 @@ The protocol (docs/results/README.md states it beside the tables):
 3. Every row of every experiment runs on SEEDS at its rate (the experiments that test a "why", savings, capacity
    paraphrase and rate, on WHY_SEEDS). The seed moves adapter init, data order and dropout; the synthetic data is the same for
    all (the one made with seed 0).
+   Seed by seed: seed 0 of every row first, so a benchmark stopped part way has every table, on fewer seeds.
 4. A finished run's results.json is copied at once to docs/results/<experiment>/<row>/seed<k>.json, its test
    items (test_items) beside it, SMoLoRA's routing.md too, so an interrupted benchmark loses at most the run under
    way. The tables are made from those files alone, every cell a mean over seeds and test items with a bootstrap
@@ -316,20 +317,24 @@ def run_all(workers):
     while jobs := rate_jobs(root):      # a round of rates, then the steps past the edges chosen
         if None in run_parallel(jobs, workers):
             sys.exit("benchmark: a validation run failed (named above): the rates cannot be chosen")
-    rates, trains, evaluates = chosen_rates(), list(gate_jobs(chosen_rates()).values()), []
+    rates = chosen_rates()
+    run_parallel(gate_jobs(rates).values(), workers)
+    trains, evaluates = {seed: [] for seed in SEEDS}, {seed: [] for seed in SEEDS}
     for experiment, (common, table) in EXPERIMENTS.items():
         for row, flags in table.items():
             lr, source = rates.get(rate_of(experiment, row)), SAME_TRAINING.get(experiment, {}).get(row)
             own = rates.get(method_of(flags))
             if experiment in RATE_OF and (not lr or not own or lr[0] == own[0]):
                 continue                # at its own rate the row is CoIN's
-            (evaluates if source else trains).extend(
-                ((*common, *flags, *SCALE, "--seed", str(seed), *(("--lr", f"{lr[0]:g}") if lr else ())),
-                 RUNS / experiment / slug(row) / f"seed{seed}", RESULTS / experiment / slug(row) / f"seed{seed}.json",
-                 source and RUNS / source[0] / slug(source[1]) / f"seed{seed}")
-                for seed in EXPERIMENT_SEEDS.get(experiment, SEEDS))
-    run_parallel(trains, workers)
-    run_parallel(evaluates, workers)   # after the runs whose adapters they take
+            for seed in EXPERIMENT_SEEDS.get(experiment, SEEDS):
+                (evaluates if source else trains)[seed].append(
+                    ((*common, *flags, *SCALE, "--seed", str(seed), *(("--lr", f"{lr[0]:g}") if lr else ())),
+                     RUNS / experiment / slug(row) / f"seed{seed}",
+                     RESULTS / experiment / slug(row) / f"seed{seed}.json",
+                     source and RUNS / source[0] / slug(source[1]) / f"seed{seed}"))
+    for seed in SEEDS:     # a seed of every row, then the next: a stop leaves whole tables on fewer seeds
+        run_parallel(trains[seed], workers)
+        run_parallel(evaluates[seed], workers)   # after the runs whose adapters they take
 
 
 # ----------------------------------------------------------------------------------------------
