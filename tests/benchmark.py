@@ -575,9 +575,10 @@ def main_table(experiment, rates):
         lr = rates.get(rate_of(experiment, row))
         tasks = failed.get(method_of(EXPERIMENTS[experiment][1][row]))
         name = f"{row} (not: {', '.join(tasks)})" if tasks else row
-        line = f"| {name} | {f'{lr[0]:g}' if lr else '–'} | " + " | ".join(row_cells(runs, columns)) + " |"
+        line = (f"| {name} | {f'{lr[0]:g}' if lr else '–'} | {len(runs)} | " + " | ".join(row_cells(runs, columns))
+                + " |")
         (not_learned if tasks else learned).append(line)
-    header = ("method", "lr", *(COLUMN_NAMES.get(c, c) for c in columns))
+    header = ("method", "lr", "seeds", *(COLUMN_NAMES.get(c, c) for c in columns))
     if not not_learned:
         return table(header, learned)
     return (table(header, learned) + "\n\nFailed the learning gate (the tasks named), so their forgetting is not "
@@ -906,7 +907,9 @@ python tests/benchmark.py --tables    # only rewrites the tables, this page and 
   an edge, the next step of 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2 past it is tried too, until the best lies
   inside. Few-shot tuning takes its method's rate.
 - **Five seeds.** Every row runs with seeds 0 to 4, which move the adapters' initialisation, the data order
-  and the dropout; the data stay the same.
+  and the dropout; the data stay the same. The benchmark runs seed 0 of every row, then seed 1, and so on:
+  while it is under way a table's **seeds** column says how many a row has, and two rows are compared only
+  on equally many.
 - **Intervals and tests.** A cell is the mean over the seeds and the test items, with its 95% interval from a
   bootstrap that draws the seeds, and within each task the test items, with replacement ({{resamples}}
   draws). Two rows are compared by the same bootstrap on their per-item difference (the same items, the same

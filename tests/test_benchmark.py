@@ -65,20 +65,20 @@ def toy(tmp_path, monkeypatch):
 
 def test_a_table_is_the_mean_over_seeds_and_items_with_its_interval(toy):
     header, _, lora, dirlora = benchmark.main_table("toy", {"lora": (2e-3, {})}).splitlines()
-    assert header == ("| method | lr | AP | MFT | BWT | MIF | GK | format broke, knowledge kept | "
+    assert header == ("| method | lr | seeds | AP | MFT | BWT | MIF | GK | format broke, knowledge kept | "
                       "format broke, knowledge lost | format held, wrong |")
     cells = [c.strip() for c in lora.split("|")[1:-1]]
-    means = [float(c.split(" [")[0]) for c in cells[2:]]
+    means = [float(c.split(" [")[0]) for c in cells[3:]]
     # AP: ScienceQA's final 25, 50 and TextVQA's 50, 25 -> 37.5; MFT (75 + 100) / 2 and 37.5 -> 62.5;
     # BWT: ScienceQA's final - after, -50 in both seeds; MIF: ScienceQA 1/4, 2/4, TextVQA all -> 68.75;
     # GK: (50 + 75) / 2 and (50 + 25) / 2 -> 50. The drop since learning, per item, seed 0: 100 on
     # items 0 (out of format, known: kept) and 3 (out of format, not known: lost); seed 1: 100 on
     # items 2 (lost) and 3 (kept) -> kept 25, lost 25, held 0
-    assert cells[:2] == ["lora", "0.002"] and means == [37.5, 62.5, -50.0, 68.8, 50.0, 25.0, 25.0, 0.0]
+    assert cells[:3] == ["lora", "0.002", "2"] and means == [37.5, 62.5, -50.0, 68.8, 50.0, 25.0, 25.0, 0.0]
     assert cells[-1] == "0.0 [0.0, 0.0]"
-    low, high = map(float, cells[2].split(" [")[1].rstrip("]").split(", "))
+    low, high = map(float, cells[3].split(" [")[1].rstrip("]").split(", "))
     assert low < 37.5 < high
-    assert dirlora.startswith("| dirlora | – | 100.0 [100.0, 100.0] | 100.0 [100.0, 100.0] | 0.0 [0.0, 0.0] |")
+    assert dirlora.startswith("| dirlora | – | 2 | 100.0 [100.0, 100.0] | 100.0 [100.0, 100.0] | 0.0 [0.0, 0.0] |")
 
 
 def test_a_task_under_80_percent_of_dirlora_right_after_learning_is_bold(toy):
@@ -200,7 +200,7 @@ def test_a_method_under_90_percent_of_dirlora_alone_fails_the_gate_and_is_shown_
         "| DirLoRA, the reference | 85.0 | 100.0 | |", "| lora | **75.0** | 90.0 | no |"]
     learned, note, failed = benchmark.main_table("toy", gated).split("\n\n")
     assert "| dirlora |" in learned and "lora (not" not in learned and "not ranked" in note
-    assert failed.splitlines()[2].startswith("| lora (not: scienceqa) | 0.002 | 37.5 [")
+    assert failed.splitlines()[2].startswith("| lora (not: scienceqa) | 0.002 | 2 | 37.5 [")
 
 
 def test_gate_runs_are_shared_where_the_first_stage_trains_alike():
@@ -288,7 +288,7 @@ def test_savings_are_relearning_from_the_final_adapters_minus_from_fresh_ones(tm
 
 def test_the_picture_draws_the_tables_means_and_intervals(toy, tmp_path):
     run = benchmark.picture_run("toy", "lora")
-    table_ap = benchmark.main_table("toy", {}).splitlines()[2].split(" | ")[2]        # "37.5 [low, high]"
+    table_ap = benchmark.main_table("toy", {}).splitlines()[2].split(" | ")[3]        # "37.5 [low, high]"
     assert f"{run['metrics']['AP']:.1f} [{run['intervals']['AP'][0]:.1f}, {run['intervals']['AP'][1]:.1f}]" == table_ap
     # the mean matrix [[80, 0], [50, 60]]: MAP (80 + (50 + 60) / 2) / 2, forgetting 80 - 50
     assert (run["metrics"]["MAP"], run["metrics"]["forgetting"]) == (67.5, 30.0)
