@@ -645,6 +645,26 @@ def gate_table(experiment, rates):
     return table(("trained alone", *tasks, "learns"), lines)
 
 
+def listed(names):
+    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
+
+
+def gate_summary(rates, experiments=("coin", "smolora")):
+    """The gate in a sentence, for the README: the methods that learn every task of the sequences alone, and the
+    tasks each other one does not."""
+    failed = {}
+    for experiment in experiments:
+        for method, tasks in gate_failures(experiment, rates).items():
+            failed[method] = list(dict.fromkeys(failed.get(method, []) + tasks))
+    if not failed:
+        return "_Not run yet._"
+    passed, short = [m for m, t in failed.items() if not t], {m: t for m, t in failed.items() if t}
+    said = (f"Trained on each task alone, {listed(passed) or 'no method'} {'reach' if len(passed) > 1 else 'reaches'}"
+            f" {GATE_SHARE:.0%} of DirLoRA's score on every task")
+    said += "".join(f"; {m} does not on {listed(t)}" for m, t in short.items())
+    return textwrap.fill(said + (": their forgetting is shown apart, not ranked." if short else "."), 110)
+
+
 def savings_table():
     """Each row's earlier CoIN tasks: their final score, then relearned from the final adapters and from fresh ones
     on SHOTS examples a class; the savings (final minus fresh) with its paired test."""
@@ -845,7 +865,8 @@ def routing_tables(path):
 def tables():
     """{block name: its markdown} for the README's `<!-- benchmark:NAME -->` blocks, every number from docs/results."""
     rates = chosen_rates()
-    return {"claims": claims_table(rates, "docs/results/README.md"), "coin": main_table("coin", rates)}
+    return {"gate": gate_summary(rates), "claims": claims_table(rates, "docs/results/README.md"),
+            "coin": main_table("coin", rates)}
 
 
 def results_blocks():

@@ -11,7 +11,7 @@ import benchmark
 
 def test_readme_table_is_made_from_docs_results():
     readme = benchmark.README.read_text()
-    assert [m[1] for m in benchmark.BLOCK.findall(readme)] == ["claims", "coin"], "the README's blocks"
+    assert [m[1] for m in benchmark.BLOCK.findall(readme)] == ["gate", "claims", "coin"], "the README's blocks"
     assert benchmark.with_tables(readme, benchmark.tables()) == readme, \
         "the README's table differs from docs/results: run python tests/benchmark.py --tables"
 
@@ -201,6 +201,13 @@ def test_a_method_under_90_percent_of_dirlora_alone_fails_the_gate_and_is_shown_
     learned, note, failed = benchmark.main_table("toy", gated).split("\n\n")
     assert "| dirlora |" in learned and "lora (not" not in learned and "not ranked" in note
     assert failed.splitlines()[2].startswith("| lora (not: scienceqa) | 0.002 | 2 | 37.5 [")
+
+
+def test_the_readme_says_the_gate_in_a_sentence(gated):
+    assert benchmark.gate_summary(gated, ("toy",)) == ("Trained on each task alone, no method reaches 90% of DirLoRA's "
+                                                       "score on every task; lora does not on\n"
+                                                       "scienceqa: their forgetting is shown apart, not ranked.")
+    assert benchmark.gate_summary({}, ("toy",)) == "_Not run yet._"
 
 
 def test_gate_runs_are_shared_where_the_first_stage_trains_alike():
