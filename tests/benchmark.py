@@ -791,7 +791,7 @@ def claim_row(claim, rates, page):
     failed = gate_failures(GATED_BY[experiment], rates) if experiment in GATED_BY else {}
     if other == "baselines":     # forgetting: of the baselines that learned (passed the gate)
         scored = {m: per_item(items_of(experiment, m), column) for m in BASELINES
-                  if items_of(experiment, m) and not (forgetting and m in failed)}
+                  if items_of(experiment, m) and not (forgetting and failed.get(m))}
         if forgetting and runs and not scored and any(items_of(experiment, m) for m in BASELINES):
             return f"| {paper} | {text} | not shown: no baseline passed the learning gate | | | |"
         best = max(scored, key=lambda m: np.mean([v.mean() for v in scored[m]]), default=None)
@@ -805,7 +805,7 @@ def claim_row(claim, rates, page):
         stats = difference(runs, theirs, column, other[2])
         against = f"minus {other[1] if other[:2] != (experiment, row) else COLUMN_NAMES.get(other[2], other[2])}"
     said = {"better": "holds", "worse": "does not hold", "tie": "not shown"}[verdict(stats)]
-    unlearned = [m for m in dict.fromkeys((row, other != "zero" and other[1])) if m in failed]
+    unlearned = [m for m in dict.fromkeys((row, other != "zero" and other[1])) if failed.get(m)]
     if forgetting and unlearned:
         said = f"not shown: {', '.join(unlearned)} failed the learning gate"
     reason = f"[{why.replace('-', ' ')}]({page}#{why})" if why and said != "holds" else ""
