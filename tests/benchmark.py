@@ -407,6 +407,15 @@ RESAMPLES = 10_000
 LEVEL = 0.05          # a difference is "better" or "worse" below this p-value, else a tie
 
 
+@functools.cache
+def draws(size, stream):
+    """How often each of `size` things is drawn in each of RESAMPLES resamples with replacement, (R, size): the
+    same for every call of one stream and size, so a table's cells, and both sides of a paired test, resample
+    alike, and a table of hundreds of cells draws each once."""
+    rng = np.random.default_rng(stream)
+    return rng.multinomial(size, [1 / size] * size, size=RESAMPLES).astype(np.int16)
+
+
 def bootstrap(values):
     """The mean over tasks of each task's mean over (seed, item), its 95% interval and the p-value of
     "it is 0" (two-sided), by a bootstrap that draws the seeds, and within each task its test items,
@@ -415,16 +424,13 @@ def bootstrap(values):
     of two rows run on the same items with the same seeds (a paired test). The interval is the
     resampled means' 2.5th and 97.5th percentiles; p = 2 min(P(mean* <= 0), P(mean* >= 0)), at most 1.
     Returns (mean, low, high, p)."""
-    rng = np.random.default_rng(0)
     values = [np.asarray(v, dtype=float) for v in values]
     seeds = values[0].shape[0]
-    # how often each seed, and each item of each task, is drawn in each resample
-    seed_counts = rng.multinomial(seeds, [1 / seeds] * seeds, size=RESAMPLES)     # (R, S)
+    seed_counts = draws(seeds, 0)                                                 # (R, S)
     means = np.zeros(RESAMPLES)
-    for task in values:
+    for stream, task in enumerate(values, start=1):                               # each task its own items' draws
         items = task.shape[1]
-        item_counts = rng.multinomial(items, [1 / items] * items, size=RESAMPLES)  # (R, N)
-        per_seed = item_counts @ task.T / items                                   # (R, S)
+        per_seed = draws(items, stream) @ task.T / items                          # (R, S)
         # mean* = (1/T) sum_t (1/S) sum_s c_s (1/N_t) sum_i c_ti v_tsi, c the draws' counts
         means += (seed_counts * per_seed).sum(axis=1) / seeds / len(values)
     mean = float(np.mean([task.mean() for task in values]))
