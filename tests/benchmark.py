@@ -413,7 +413,7 @@ def draws(size, stream):
     same for every call of one stream and size, so a table's cells, and both sides of a paired test, resample
     alike, and a table of hundreds of cells draws each once."""
     rng = np.random.default_rng(stream)
-    return rng.multinomial(size, [1 / size] * size, size=RESAMPLES).astype(np.int16)
+    return rng.multinomial(size, [1 / size] * size, size=RESAMPLES).astype(np.min_scalar_type(size))
 
 
 def bootstrap(values):
