@@ -621,7 +621,8 @@ def unseen_table(experiment):
 def tested(stats):
     """A paired difference's verdict and p-value (p < 1/RESAMPLES where no draw crosses 0)."""
     p = stats[3]
-    return f"{verdict(stats)}, p {f'< {1 / RESAMPLES:g}' if p == 0 else f'= {p:.3f}'}"
+    shown = f"< {1 / RESAMPLES:g}" if p == 0 else f"= {p:.3f}" if p >= 1e-3 else f"= {p:.4f}"   # p: a multiple of 2/R
+    return f"{verdict(stats)}, p {shown}"
 
 
 def difference(runs, others, column, other_column=None):
@@ -815,7 +816,8 @@ def claim_row(claim, rates, page):
     if forgetting and unlearned:
         said = f"not shown: {', '.join(unlearned)} failed the learning gate"
     reason = f"[{why.replace('-', ' ')}]({page}#{why})" if why and said != "holds" else ""
-    return f"| {paper} | {text} | {said} | {interval(stats)} ({against}) | {tested(stats)} | {reason} |"
+    seeds = f"{len(runs)} seed{'s' * (len(runs) > 1)}"
+    return f"| {paper} | {text} | {said} | {interval(stats)} ({against}) | {tested(stats)}, {seeds} | {reason} |"
 
 
 def claims_table(rates, page=""):

@@ -116,6 +116,11 @@ def test_bootstrap_of_a_constant_and_of_nothing():
     assert benchmark.bootstrap([np.zeros((3, 50))]) == (0.0, 0.0, 0.0, 1.0)
 
 
+def test_a_p_value_is_never_shown_as_0():
+    assert [benchmark.tested((1.0, 0.5, 1.5, p)) for p in (0.0, 0.0004, 0.0312, 0.5)] == [
+        "better, p < 0.0001", "better, p = 0.0004", "better, p = 0.031", "tie, p = 0.500"]
+
+
 def test_every_bootstrap_draws_alike():
     # the draws are shared (cached per size and task): a row shifted by 5 has its interval shifted by 5, exactly
     values = np.random.default_rng(1).normal(size=(3, 40))
@@ -255,7 +260,8 @@ def test_claims_read_the_paired_test_and_the_gate(gated, monkeypatch):
     # BWT -50 in both seeds, but over 4 items of which 2 dropped: the test cannot tell it from 0
     assert rows[0][2:4] == ["not shown", "50.0 [0.0, 100.0] (0 minus it)"]
     assert rows[1][2:4] == ["not shown", "50.0 [0.0, 100.0] (minus lora)"]
-    assert all(row[4].startswith("tie, p = ") and float(row[4][9:]) >= benchmark.LEVEL for row in rows)
+    assert all(row[4].startswith("tie, p = ") and row[4].endswith(", 2 seeds") for row in rows)
+    assert all(float(row[4].split(", ")[1][4:]) >= benchmark.LEVEL for row in rows)
 
 
 def test_sample_parameters_are_counted_by_hand_and_the_capacity_rows_match_the_others_nearest():
