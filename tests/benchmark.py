@@ -400,6 +400,13 @@ def gate_failures(experiment, rates):
             for m, mine in scores.items() if m != "dirlora"} if reference else {}
 
 
+def failed_rows(experiment, rates):
+    """{row: the tasks its method failed the learning gate on}, for the rows of a table that answer to a gate."""
+    failed = gate_failures(GATED_BY[experiment], rates) if experiment in GATED_BY else {}
+    return {row: failed[method_of(flags)] for row, flags in EXPERIMENTS[experiment][1].items()
+            if failed.get(method_of(flags))}
+
+
 # ----------------------------------------------------------------------------------------------
 # Intervals and tests: a paired bootstrap over test items and seeds
 
@@ -547,6 +554,14 @@ def picture_run(experiment, row):
     return run
 
 
+def picture_runs(experiment, rates):
+    """compare.png's rows: those that passed the learning gate, then those that failed it, so named."""
+    failed = failed_rows(experiment, rates)
+    rows = sorted((row for row in EXPERIMENTS[experiment][1] if seed_files(experiment, row)), key=failed.__contains__)
+    return [picture_run(experiment, row) | ({"method": f"{row} (failed the gate)"} if row in failed else {})
+            for row in rows]
+
+
 def diagonal(results):
     matrix, stages = results["matrix"], len(results["matrix"]) - 1
     return [matrix[i + 1][i] for i in range(len(results["tasks"]))] if stages == len(results["tasks"]) else None
@@ -575,11 +590,11 @@ def main_table(experiment, rates):
     columns = ["AP", "MFT", "BWT", "MIF", "GK", *eval.SPLIT]
     if any(data.TASKS[t].scorer == "cider" for runs in found.values() for t in runs[0]["tasks"]):
         columns.insert(1, "CIDEr")
-    failed = gate_failures(GATED_BY[experiment], rates) if experiment in GATED_BY else {}
+    failed = failed_rows(experiment, rates)
     learned, not_learned = [], []
     for row, runs in found.items():
         lr = rates.get(rate_of(experiment, row))
-        tasks = failed.get(method_of(EXPERIMENTS[experiment][1][row]))
+        tasks = failed.get(row)
         name = f"{row} (not: {', '.join(tasks)})" if tasks else row
         line = (f"| {name} | {f'{lr[0]:g}' if lr else '–'} | {len(runs)} | " + " | ".join(row_cells(runs, columns))
                 + " |")
@@ -1108,9 +1123,9 @@ def main(argv=None):
         run_all(args.workers)
     eval.write_atomic(README, with_tables(README.read_text(), tables()))
     eval.write_atomic(RESULTS_README, results_page(results_blocks()))
+    rates = chosen_rates()
     for experiment in MAIN:   # its picture: the means over the seeds, as bars, and their intervals
-        runs = [picture_run(experiment, row) for row in EXPERIMENTS[experiment][1] if seed_files(experiment, row)]
-        if runs:
+        if runs := picture_runs(experiment, rates):
             eval.write_comparison(RESULTS / experiment, runs)
     print(f"README table and {RESULTS_README.relative_to(ROOT)} rewritten from {RESULTS.relative_to(ROOT)}")
 

@@ -214,6 +214,9 @@ def test_a_method_under_90_percent_of_dirlora_alone_fails_the_gate_and_is_shown_
     learned, note, failed = benchmark.main_table("toy", gated).split("\n\n")
     assert "| dirlora |" in learned and "lora (not" not in learned and "not ranked" in note
     assert failed.splitlines()[2].startswith("| lora (not: scienceqa) | 0.002 | 2 | 37.5 [")
+    # the picture, too: the rows that learned first, then those that did not, so named
+    assert [run["method"] for run in benchmark.picture_runs("toy", gated)] == ["dirlora", "lora (failed the gate)"]
+    assert [run["method"] for run in benchmark.picture_runs("toy", {})] == ["lora", "dirlora"]
 
 
 def test_the_readme_says_the_gate_in_a_sentence(gated):
