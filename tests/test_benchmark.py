@@ -318,6 +318,23 @@ def test_savings_are_relearning_from_the_final_adapters_minus_from_fresh_ones(tm
     assert cells[5].startswith("50.0 [0.0, 100.0]") and cells[6].startswith("tie, p ")
 
 
+def test_the_budget_table_gives_each_task_right_after_learning_and_tests_each_row_against_the_budget(
+        toy, tmp_path, monkeypatch):
+    (tmp_path / "toy").rename(tmp_path / "budget")
+    monkeypatch.setattr(benchmark, "EXPERIMENTS", {"budget": (("--tasks", "scienceqa,textvqa", "--method", "dirlora"),
+                                                              {"lora": ("--epochs", "3"), "dirlora": ()})})
+    monkeypatch.setattr(benchmark, "BUDGET", "dirlora")
+    header, _, less, budget = benchmark.budget_table().splitlines()
+    assert header == "| DirLoRA trained on | seeds | scienceqa | textvqa | minus the budget |"
+    # right after learning, the toy's lora: ScienceQA (75 + 100) / 2, TextVQA (50 + 25) / 2; the budget's 100, 100;
+    # the mean over the tasks minus the budget's: (-12.5 - 62.5) / 2
+    cells = [c.strip() for c in less.split("|")[1:-1]]
+    assert cells[:2] == ["lora", "2"] and [float(c.split(" [")[0]) for c in cells[2:]] == [87.5, 37.5, -37.5]
+    assert cells[4].split("], ")[1].startswith(("better, p", "worse, p", "tie, p"))
+    assert budget == "| dirlora (the budget) | 2 | 100.0 [100.0, 100.0] | 100.0 [100.0, 100.0] | – |"
+    assert benchmark.rate_of("budget", "lora") == "dirlora"      # the rows' method is their experiment's
+
+
 def test_the_picture_draws_the_tables_means_and_intervals(toy, tmp_path):
     run = benchmark.picture_run("toy", "lora")
     table_ap = benchmark.main_table("toy", {}).splitlines()[2].split(" | ")[3]        # "37.5 [low, high]"
