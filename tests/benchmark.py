@@ -843,8 +843,10 @@ def claim_row(claim, rates, page):
             return f"| {paper} | {text} | not shown: no baseline passed the learning gate | | | |"
         best = max(scored, key=lambda m: np.mean([v.mean() for v in scored[m]]), default=None)
         other = best and (experiment, best, column)
-    theirs = other not in (None, "zero") and items_of(*other[:2])
-    if not runs or (other != "zero" and (not theirs or len(theirs) != len(runs))):
+    if other not in (None, "zero"):     # paired: on the seeds both have run (one may be a seed ahead)
+        mine, yours = ({int(p.stem[4:]) for p in seed_files(*where)} for where in ((experiment, row), other[:2]))
+        runs, theirs = items_of(experiment, row, mine & yours), items_of(*other[:2], mine & yours)
+    if not runs or (other != "zero" and not (other and theirs)):
         return f"| {paper} | {text} | not run yet | | | |"
     if other == "zero":                              # claimed below 0: 0 minus it
         stats, against = bootstrap([-v for v in per_item(runs, column)]), "0 minus it"
