@@ -469,10 +469,15 @@ def interval(stats):
 # ----------------------------------------------------------------------------------------------
 # The tables, from docs/results alone
 
+def saved_seeds(experiment, row):
+    """The row's saved runs, {seed: path}."""
+    return {int(p.stem[4:]): p for p in (RESULTS / experiment / slug(row)).glob("seed*.json") if p.stem[4:].isdigit()}
+
+
 def seed_files(experiment, row, seeds=None):
     """The row's saved runs, by seed; only those of `seeds` if given."""
-    found = sorted(p for p in (RESULTS / experiment / slug(row)).glob("seed*.json") if p.stem[4:].isdigit())
-    return [p for p in found if seeds is None or int(p.stem[4:]) in seeds]
+    saved = saved_seeds(experiment, row)
+    return [saved[s] for s in sorted(saved) if seeds is None or s in seeds]
 
 
 def seeds_of(experiment, row, seeds=None):
@@ -481,6 +486,13 @@ def seeds_of(experiment, row, seeds=None):
 
 def items_of(experiment, row, seeds=None):
     return [json.loads(items_path(p).read_text()) for p in seed_files(experiment, row, seeds)]
+
+
+def paired_items(first, second, seeds=None):
+    """items_of two (experiment, row) places on the seeds both have run (of `seeds` if given): a paired difference
+    needs each seed on both sides, and one row may be a seed ahead of the other."""
+    shared = {s for s in saved_seeds(*first).keys() & saved_seeds(*second).keys() if seeds is None or s in seeds}
+    return items_of(*first, shared), items_of(*second, shared)
 
 
 def caption_share(task):
@@ -736,8 +748,8 @@ def budget_table():
     for row, mine in runs.items():
         if mine:
             cells = [interval(bootstrap([task])) for task in per_item(mine, "MFT")]
-            paired = row != BUDGET and len(runs[BUDGET]) == len(mine)
-            versus = difference(mine, runs[BUDGET], "MFT") if paired else None
+            paired = paired_items(("budget", row), ("budget", BUDGET)) if row != BUDGET else ([], [])
+            versus = difference(*paired, "MFT") if paired[0] else None
             lines.append(f"| {row}{' (the budget)' if row == BUDGET else ''} | {len(mine)} | {' | '.join(cells)} | "
                          + (compared(versus) if versus else "–") + " |")
     tasks = EXPERIMENTS["budget"][0][1].split(",")
@@ -755,8 +767,8 @@ def capacity_table(rates):
              + " | ".join(row_cells(runs[row], columns)) + " |" for row, where in found.items() if runs[row]]
     against = {"smolora, experts of rank 22": "lora", "lora r 9 on SMoLoRA's linears": "smolora"}
     tests = [f"| {row} minus {other} | {interval(stats)} | {tested(stats)} |"
-             for row, other in against.items() if runs[row] and len(runs[row]) == len(runs[other])
-             for stats in [difference(runs[row], runs[other], "AP")]]
+             for row, other in against.items() for paired in [paired_items(found[row], found[other], WHY_SEEDS)]
+             if paired[0] for stats in [difference(*paired, "AP")]]
     return table(("row", "parameters a sample passes through", *columns), lines) + (
         "\n\n" + table(("AP", "difference", "test"), tests) if tests else "")
 
@@ -773,8 +785,8 @@ def paraphrase_table():
     lines = [f"| {row} | " + " | ".join(row_cells(runs[row], columns)) + " |" for row in found if runs[row]]
     pairs = [(f"smolora, {t}", f"lora, {t}") for t in ("one wording", "paraphrased")]
     pairs += [(f"smolora, task routing, {t}", f"smolora, {t}") for t in ("one wording", "paraphrased")]
-    tests = [f"| {a} minus {b} | " + " | ".join(compared(difference(runs[a], runs[b], c)) for c in columns) + " |"
-             for a, b in pairs if runs[a] and runs[b] and len(runs[a]) == len(runs[b])]
+    tests = [f"| {a} minus {b} | " + " | ".join(compared(difference(*paired, c)) for c in columns) + " |"
+             for a, b in pairs for paired in [paired_items(found[a], found[b], WHY_SEEDS)] if paired[0]]
     return table(("trained on, evaluated on held-out wordings", *columns), lines) + (
         "\n\n" + table(("difference", *columns), tests) if tests else "")
 
@@ -790,8 +802,8 @@ def rate_table(rates):
     lines = [f"| {row} | {lr[row][0]:g} | " + " | ".join(row_cells(runs[row], columns)) + " |"
              for row in found if runs[row] and lr[row]]
     pairs = {"lora": ("moelora at lora's rate", "lora"), "moelora": ("moelora", "lora at moelora's rate")}
-    tests = [f"| {lr[at][0]:g} ({at}'s) | " + " | ".join(compared(difference(runs[a], runs[b], c)) for c in columns) + " |"
-             for at, (a, b) in pairs.items() if runs[a] and runs[b] and len(runs[a]) == len(runs[b])]
+    tests = [f"| {lr[at][0]:g} ({at}'s) | " + " | ".join(compared(difference(*paired, c)) for c in columns) + " |"
+             for at, (a, b) in pairs.items() for paired in [paired_items(found[a], found[b], WHY_SEEDS)] if paired[0]]
     return table(("row", "lr", *columns), lines) + (
         "\n\n" + table(("MoELoRA minus LoRA at", *columns), tests) if tests else "")
 
@@ -843,10 +855,10 @@ def claim_row(claim, rates, page):
             return f"| {paper} | {text} | not shown: no baseline passed the learning gate | | | |"
         best = max(scored, key=lambda m: np.mean([v.mean() for v in scored[m]]), default=None)
         other = best and (experiment, best, column)
-    if other not in (None, "zero"):     # paired: on the seeds both have run (one may be a seed ahead)
-        mine, yours = ({int(p.stem[4:]) for p in seed_files(*where)} for where in ((experiment, row), other[:2]))
-        runs, theirs = items_of(experiment, row, mine & yours), items_of(*other[:2], mine & yours)
-    if not runs or (other != "zero" and not (other and theirs)):
+    theirs = None
+    if other not in (None, "zero"):
+        runs, theirs = paired_items((experiment, row), other[:2])
+    if not runs or (other != "zero" and not theirs):
         return f"| {paper} | {text} | not run yet | | | |"
     if other == "zero":                              # claimed below 0: 0 minus it
         stats, against = bootstrap([-v for v in per_item(runs, column)]), "0 minus it"

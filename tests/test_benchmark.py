@@ -339,6 +339,23 @@ def test_the_budget_table_gives_each_task_right_after_learning_and_tests_each_ro
     assert cells[4].split("], ")[1].startswith(("better, p", "worse, p", "tie, p"))
     assert budget == "| dirlora (the budget) | 2 | 100.0 [100.0, 100.0] | 100.0 [100.0, 100.0] | – |"
     assert benchmark.rate_of("budget", "lora") == "dirlora"      # the rows' method is their experiment's
+    # a row a seed ahead of the budget is tested against it on the seed both have run
+    for name in ("seed1.json", "seed1-items.json"):
+        (tmp_path / "budget" / "dirlora" / name).unlink()
+    on_seed_0 = benchmark.compared(benchmark.difference(benchmark.items_of("budget", "lora", {0}),
+                                                        benchmark.items_of("budget", "dirlora", {0}), "MFT"))
+    assert benchmark.budget_table().splitlines()[2].endswith(f"| {on_seed_0} |")
+
+
+def test_paired_rows_are_read_on_the_seeds_both_have_run_and_of_those_asked(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmark, "RESULTS", tmp_path)
+    run = ({"tasks": ["scienceqa"]}, {"tasks": {}})
+    save_runs(tmp_path, "toy", "a", [run] * 3)
+    save_runs(tmp_path, "toy", "b", [run] * 3)
+    (tmp_path / "toy" / "b" / "seed1.json").unlink()
+    for seeds, count in ((None, 2), ((0, 1), 1), ((1,), 0)):
+        a, b = benchmark.paired_items(("toy", "a"), ("toy", "b"), seeds)
+        assert len(a) == len(b) == count
 
 
 def test_the_picture_draws_the_tables_means_and_intervals(toy, tmp_path):
