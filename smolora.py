@@ -1032,7 +1032,7 @@ def open_run(cfg, progress=True):
     data_root = cfg.data or main_rank_first(ensure_synthetic, cfg, progress)
     model, processor = load_model(model_path, cfg.device, getattr(torch, cfg.dtype))
     if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     embed = partial(embed_instructions, model, processor, encoder=encoder)
     fewshot = list(cfg.fewshot)
     train = {t: load_task(data_root, t, "train", cfg.max_train, cfg, embed, cfg.train_instructions)
