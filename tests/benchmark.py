@@ -992,8 +992,8 @@ python tests/benchmark.py --tables    # only rewrites the tables, this page and 
   inside. Few-shot tuning takes its method's rate.
 - **Five seeds.** Every row runs with seeds 0 to 4, which move the adapters' initialisation, the data order
   and the dropout; the data stay the same. The benchmark runs seed 0 of every row, then seed 1, and so on:
-  while it is under way a table's **seeds** column says how many a row has, and two rows are compared only
-  on equally many.
+  while it is under way a table's **seeds** column says how many a row has, and two rows are compared on
+  the seeds both have run.
 - **Intervals and tests.** A cell is the mean over the seeds and the test items, with its 95% interval from a
   bootstrap that draws the seeds, and within each task the test items, with replacement ({{resamples}}
   draws). Two rows are compared by the same bootstrap on their per-item difference (the same items, the same
