@@ -102,7 +102,8 @@ EXPERIMENTS = {
     # SMoLoRA's paraphrase claim in its official multi-type setting: trained on 5 paraphrases a task, the IF router
     # reading each sample's wording (ours) or one vector a task, the mean of its 5 (official), evaluated on 5 others
     "paraphrase": (("--tasks", "smolora", "--train-instructions", "paraphrased", "--instructions", "diverse"),
-                   {**rows(["lora", "smolora"]), "smolora, task routing": ("--method", "smolora", "--if-routing", "task")}),
+                   {**rows(["lora", "smolora"]),
+                    "smolora, task routing": ("--method", "smolora", "--if-routing", "task")}),
     # MoELoRA against LoRA at one rate, each at the other's
     "rate": (("--tasks", "coin"), {"lora at moelora's rate": ("--method", "lora"),
                                    "moelora at lora's rate": ("--method", "moelora")}),
@@ -127,7 +128,8 @@ SAME_TRAINING = {"diverse": {"lora": ("smolora", "lora"), "moelora": ("smolora",
                  "ablation": {"vu,if,fusion, sample": ("smolora", "smolora")},
                  "savings": {m: ("coin", m) for m in EXPERIMENTS["savings"][1]}}
 
-# whose DirLoRA diagonal an experiment's rows must reach 80% of (the diverse wording is tested, not learned)
+# whose DirLoRA diagonal an experiment's rows are held to, GATE_SHARE of it (the diverse wording is tested, not
+# learned)
 LEARNING_REFERENCE = {"coin": "coin", "smolora": "smolora", "ablation": "smolora"}
 
 
@@ -818,7 +820,8 @@ CLAIMS = [
      ("coin", "lora", "format_broke_knowledge_kept"), ("coin", "lora", "format_broke_knowledge_lost"), "savings"),
     ("CoIN", "The knowledge is kept: from its final adapters SeqLoRA relearns an earlier task better than from "
      "fresh ones", ("savings", "lora", "fewshot/final"), ("savings", "lora", "fewshot/fresh"), ""),
-    ("CoIN", "MoELoRA forgets less than SeqLoRA (BWT)", ("coin", "moelora", "BWT"), ("coin", "lora", "BWT"), "rate-or-mixture"),
+    ("CoIN", "MoELoRA forgets less than SeqLoRA (BWT)", ("coin", "moelora", "BWT"), ("coin", "lora", "BWT"),
+     "rate-or-mixture"),
     ("CoIN", "MoELoRA scores higher than SeqLoRA (AP)", ("coin", "moelora", "AP"), ("coin", "lora", "AP"),
      "rate-or-mixture"),
     ("SMoLoRA", "SMoLoRA scores higher than every continual baseline (AP)", ("smolora", "smolora", "AP"),
